@@ -1,0 +1,255 @@
+"""Blob backends under the artifact store: a local directory and S3, same key layout.
+
+A backend knows nothing about digests or manifests; it moves bytes under keys.
+Writes are atomic per key (a reader sees the whole object or none of it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from steps.core.errors import StoreError
+
+CHUNK = 8 * 1024 * 1024
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it stays inside the store, else raise StoreError."""
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise StoreError(f"artifact key {key!r} is not a relative POSIX path")
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts) or ":" in parts[0]:
+        raise StoreError(f"artifact key {key!r} escapes the store")
+    return key
+
+
+class Backend(Protocol):
+    url: str
+
+    def put_file(self, key: str, source: Path) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_file(self, key: str, dest: Path) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> Iterator[str]: ...
+    def delete(self, key: str) -> None: ...
+
+
+class LocalBackend:
+    """Objects as files under a root directory; atomic by write-to-temp then rename."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+        self.url = self.root.as_uri()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create local store at {self.root}: {exc.strerror}") from exc
+
+    def _path(self, key: str) -> Path:
+        path = self.root / check_key(key)
+        # A symlink planted inside the store must not lead out of it.
+        if not path.resolve().is_relative_to(self.root):
+            raise StoreError(f"artifact key {key!r} resolves outside the store {self.root}")
+        return path
+
+    def _write_atomically(self, key: str, write) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot write {key} in {self.root}: {exc.strerror}") from exc
+            raise
+
+    def put_file(self, key: str, source: Path) -> None:
+        def copy(out):
+            with open(source, "rb") as src:
+                shutil.copyfileobj(src, out, CHUNK)
+
+        self._write_atomically(key, copy)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._write_atomically(key, lambda out: out.write(data))
+
+    def get_file(self, key: str, dest: Path) -> None:
+        try:
+            shutil.copyfile(self._path(key), dest)
+        except FileNotFoundError as exc:
+            raise StoreError(f"object {key} is missing from {self.root}") from exc
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise StoreError(f"object {key} is missing from {self.root}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith(".partial-"):
+                yield path.relative_to(self.root).as_posix()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3Backend:
+    """Objects in an S3 bucket under an optional prefix, through boto3.
+
+    Endpoint, region and credentials come from the environment only
+    (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+    Large files go up as multipart uploads, which S3 makes visible only on completion.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+            "AWS_ENDPOINT_URL"
+        )
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        config = Config(
+            signature_version="s3v4",
+            retries={"max_attempts": int(os.environ.get("TAILWISE_S3_MAX_ATTEMPTS", "5")),
+                     "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+            # Self-hosted servers (MinIO, nanio, moto) are reached by path, not by bucket DNS.
+            s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+        )
+        # A session of our own: boto3's default session caches the first credentials it saw.
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+            or "us-east-1",
+            config=config,
+        )
+        self.transfer = TransferConfig(multipart_threshold=64 * 1024 * 1024,
+                                       multipart_chunksize=16 * 1024 * 1024, max_concurrency=4)
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _where(self) -> str:
+        return f"bucket {self.bucket!r} at {self.endpoint_url or 'AWS S3'}"
+
+    def _error(self, action: str, key: str, exc: Exception) -> StoreError:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        if isinstance(exc, EndpointConnectionError):
+            return StoreError(f"cannot reach the S3 endpoint {self.endpoint_url} "
+                              f"(bucket {self.bucket!r}): is the server running?")
+        if isinstance(exc, NoCredentialsError):
+            return StoreError(f"no S3 credentials for {self._where()}: "
+                              "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                return StoreError(f"{self._where()} does not exist")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+                return StoreError(f"S3 refused the credentials for {self._where()} ({code})")
+            if code in ("NoSuchKey", "404"):
+                return StoreError(f"object {key} is missing from {self._where()}")
+            return StoreError(f"S3 {action} of {key} in {self._where()} failed: {code or exc}")
+        return StoreError(f"S3 {action} of {key} in {self._where()} failed: {exc}")
+
+    def _call(self, action: str, key: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(action, key, exc) from exc
+        except Exception as exc:  # boto3's transfer manager re-raises as its own types
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, (BotoCoreError, ClientError)):
+                raise self._error(action, key, cause) from exc
+            raise
+
+    def put_file(self, key: str, source: Path) -> None:
+        self._call("upload", key, self.client.upload_file, str(source), self.bucket,
+                   self._key(key), Config=self.transfer)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call("upload", key, self.client.put_object, Bucket=self.bucket,
+                   Key=self._key(key), Body=data)
+
+    def get_file(self, key: str, dest: Path) -> None:
+        # Download beside the destination, then rename: no half file under the final name.
+        tmp = dest.with_name(f".partial-{dest.name}")
+        try:
+            self._call("download", key, self.client.download_file, self.bucket, self._key(key),
+                       str(tmp), Config=self.transfer)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._call("download", key, self.client.get_object, Bucket=self.bucket,
+                              Key=self._key(key))
+        return response["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._error("lookup", key, exc) from exc
+        except Exception as exc:
+            raise self._error("lookup", key, exc) from exc
+
+    def list(self, prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        full = self._key(prefix.rstrip("/")) + "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        pages = self._call("listing", prefix, lambda: list(
+            paginator.paginate(Bucket=self.bucket, Prefix=full)))
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield item["Key"][strip:]
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.client.delete_object, Bucket=self.bucket,
+                   Key=self._key(key))
+
+
+def backend_from_url(url: str) -> Backend:
+    """`s3://bucket/prefix` or a local path / `file://` URL."""
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        if not bucket:
+            raise StoreError(f"store URL {url!r} names no bucket")
+        return S3Backend(bucket, prefix)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url:
+        raise StoreError(f"store URL {url!r}: use s3://bucket/prefix or a local directory")
+    return LocalBackend(url)

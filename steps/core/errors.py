@@ -1,0 +1,21 @@
+"""Errors a user can act on: one line that names the input and what is wrong."""
+
+
+class TailwiseError(Exception):
+    """A problem with the user's input or environment; the CLI prints it without a traceback."""
+
+
+class StoreError(TailwiseError):
+    """The artifact store cannot be used (unreachable, missing bucket, bad credentials, bad key)."""
+
+
+class ArtifactNotFound(TailwiseError):
+    """No artifact (no manifest) matches the reference."""
+
+
+class TrackingError(TailwiseError):
+    """The MLflow tracking server cannot be used."""
+
+
+class ParamsError(TailwiseError):
+    """A step's parameters or request are invalid."""

@@ -1,0 +1,286 @@
+"""Content-addressed artifact store with manifests.
+
+Layout (the same on S3 and on a local directory):
+
+    objects/sha256/<d[:2]>/<digest>     file content, by the SHA-256 of its bytes
+    manifests/<digest>.json             what an artifact is and who made it
+    cache/<cache_key>.json              step cache entries: cache key -> output digests
+
+A file artifact's digest is the SHA-256 of its bytes. A directory artifact (a model
+dir) stores each file as an object and its digest is the SHA-256 of the sorted
+listing "path\\tsize\\tsha256\\n". The manifest is written last: an artifact
+without a manifest does not exist, so a crash mid-upload leaves nothing visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mimetypes
+import os
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from steps.core.backends import CHUNK, Backend, backend_from_url, check_key
+from steps.core.errors import ArtifactNotFound, StoreError
+
+MANIFEST_SCHEMA = "tailwise.manifest/1"
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+DIR_MEDIA_TYPE = "application/x-tailwise-directory"
+
+
+class ProducedBy(BaseModel):
+    """Who made an artifact: enough to audit it and to rebuild it."""
+
+    step: str
+    step_version: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, str] = Field(default_factory=dict)
+    cache_key: str | None = None
+    flow_run_id: str | None = None
+    mlflow_run_id: str | None = None
+    git_revision: str | None = None
+    container_image: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+
+
+class FileEntry(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    schema_: str = Field(MANIFEST_SCHEMA, alias="schema")
+    digest: str
+    kind: str
+    media_type: str
+    size: int
+    created_at: str
+    name: str | None = None
+    files: list[FileEntry] | None = None
+    produced_by: ProducedBy | None = None
+
+    model_config = {"populate_by_name": True}
+
+    @property
+    def is_dir(self) -> bool:
+        return self.files is not None
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True, indent=2).encode()
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in chunks so memory stays flat."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tree_digest(files: list[FileEntry]) -> str:
+    listing = "".join(f"{f.path}\t{f.size}\t{f.sha256}\n" for f in sorted(files, key=lambda f: f.path))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def object_key(digest: str) -> str:
+    return f"objects/sha256/{digest[:2]}/{digest}"
+
+
+def manifest_key(digest: str) -> str:
+    return f"manifests/{digest}.json"
+
+
+def digest_from_ref(ref: str) -> str:
+    """The hex digest (or prefix) inside a reference: `abc123`, `sha256:abc..`, a URI."""
+    text = ref.strip().rstrip("/")
+    text = text.rsplit("/", 1)[-1]
+    text = text.removesuffix(".json").removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{4,64}", text):
+        raise ArtifactNotFound(f"artifact reference {ref!r} is not a digest, digest prefix "
+                               "(at least 4 hex characters) or artifact URI")
+    return text
+
+
+class ArtifactStore:
+    """put/get/exists/stat/list of immutable, content-addressed artifacts."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @classmethod
+    def from_url(cls, url: str) -> ArtifactStore:
+        return cls(backend_from_url(url))
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    def uri(self, digest: str) -> str:
+        return f"{self.url}/{manifest_key(digest)}"
+
+    # -- writing ---------------------------------------------------------------
+
+    def put(self, path: Path | str, kind: str, *, media_type: str | None = None,
+            produced_by: ProducedBy | None = None) -> Manifest:
+        """Store a file or a directory; return its manifest (existing one if already stored)."""
+        path = Path(path)
+        if path.is_dir():
+            files, sources = self._scan_dir(path)
+            digest, size = tree_digest(files), sum(f.size for f in files)
+            media_type = media_type or DIR_MEDIA_TYPE
+        elif path.is_file():
+            digest, size = sha256_file(path), path.stat().st_size
+            files, sources = None, {digest: path}
+            media_type = media_type or mimetypes.guess_type(path.name)[0] or \
+                "application/octet-stream"
+        else:
+            raise StoreError(f"cannot store {path}: no such file or directory")
+        existing = self._read_manifest(digest)
+        if existing is not None:
+            return existing
+        for object_digest, source in sources.items():
+            if not self.backend.exists(object_key(object_digest)):
+                self.backend.put_file(object_key(object_digest), source)
+        manifest = Manifest(digest=digest, kind=kind, media_type=media_type, size=size,
+                            created_at=now(), name=path.name, files=files,
+                            produced_by=produced_by)
+        self.backend.put_bytes(manifest_key(digest), manifest.to_json())
+        return manifest
+
+    @staticmethod
+    def _scan_dir(root: Path) -> tuple[list[FileEntry], dict[str, Path]]:
+        files, sources = [], {}
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            relative = path.relative_to(root).as_posix()
+            digest = sha256_file(path)
+            files.append(FileEntry(path=check_key(relative), size=path.stat().st_size,
+                                   sha256=digest))
+            sources[digest] = path
+        if not files:
+            raise StoreError(f"cannot store directory {root}: it holds no files")
+        return files, sources
+
+    # -- reading ---------------------------------------------------------------
+
+    def _read_manifest(self, digest: str) -> Manifest | None:
+        if not self.backend.exists(manifest_key(digest)):
+            return None
+        raw = self.backend.get_bytes(manifest_key(digest))
+        try:
+            return Manifest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise StoreError(f"manifest of {digest[:12]} in {self.url} is corrupt: "
+                             f"{exc.errors()[0]['msg']}") from exc
+
+    def resolve(self, ref: str) -> str:
+        """Full digest for a digest, unique prefix or URI; ArtifactNotFound otherwise."""
+        wanted = digest_from_ref(ref)
+        if DIGEST_RE.fullmatch(wanted):
+            if self.backend.exists(manifest_key(wanted)):
+                return wanted
+            raise ArtifactNotFound(f"no artifact {wanted[:12]}... in {self.url}")
+        matches = [d for d in self.digests() if d.startswith(wanted)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise ArtifactNotFound(f"no artifact matches {ref!r} in {self.url}")
+        raise ArtifactNotFound(f"{ref!r} is ambiguous in {self.url}: "
+                               f"{', '.join(m[:12] for m in matches[:5])}")
+
+    def stat(self, ref: str) -> Manifest:
+        manifest = self._read_manifest(self.resolve(ref))
+        if manifest is None:  # deleted between resolve and read
+            raise ArtifactNotFound(f"no artifact {ref!r} in {self.url}")
+        return manifest
+
+    def exists(self, ref: str) -> bool:
+        try:
+            self.resolve(ref)
+            return True
+        except ArtifactNotFound:
+            return False
+
+    def digests(self) -> Iterator[str]:
+        for key in self.backend.list("manifests"):
+            name = key.rsplit("/", 1)[-1].removesuffix(".json")
+            if DIGEST_RE.fullmatch(name):
+                yield name
+
+    def list(self, kind: str | None = None) -> list[Manifest]:
+        manifests = (self._read_manifest(d) for d in self.digests())
+        return [m for m in manifests if m is not None and (kind is None or m.kind == kind)]
+
+    def get(self, ref: str, dest: Path | str) -> Path:
+        """Download an artifact to `dest` (a file path, or a directory for dir artifacts)."""
+        manifest = self.stat(ref)
+        dest = Path(dest)
+        if manifest.files is None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._fetch_object(manifest.digest, dest)
+            return dest
+        for entry in manifest.files:
+            target = dest / check_key(entry.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._fetch_object(entry.sha256, target)
+        return dest
+
+    def _fetch_object(self, digest: str, dest: Path) -> None:
+        self.backend.get_file(object_key(digest), dest)
+        actual = sha256_file(dest)
+        if actual != digest:
+            dest.unlink(missing_ok=True)
+            raise StoreError(f"object {digest[:12]} in {self.url} is corrupt "
+                             f"(content hashes to {actual[:12]})")
+
+    def local_path(self, digest: str) -> Path | None:
+        """The object file itself when the store is a local directory (no copy needed)."""
+        root = getattr(self.backend, "root", None)
+        return None if root is None else root / object_key(digest)
+
+    # -- step cache ------------------------------------------------------------
+
+    def cache_put(self, cache_key: str, entry: dict[str, Any]) -> None:
+        self.backend.put_bytes(f"cache/{cache_key}.json", json.dumps(entry, indent=2).encode())
+
+    def cache_get(self, cache_key: str) -> dict[str, Any] | None:
+        """The cache entry if every output it names still exists, else None."""
+        key = f"cache/{cache_key}.json"
+        if not self.backend.exists(key):
+            return None
+        entry = json.loads(self.backend.get_bytes(key))
+        outputs = entry.get("outputs", {})
+        if all(self.backend.exists(manifest_key(d)) for d in outputs.values()):
+            return entry
+        return None
+
+    def cache_entries(self) -> list[tuple[str, dict[str, Any]]]:
+        entries = []
+        for key in self.backend.list("cache"):
+            cache_key = key.rsplit("/", 1)[-1].removesuffix(".json")
+            entries.append((cache_key, json.loads(self.backend.get_bytes(key))))
+        return entries
+
+    def cache_delete(self, cache_key: str) -> None:
+        self.backend.delete(f"cache/{cache_key}.json")
+
+
+def default_store_url() -> str:
+    return os.environ.get("TAILWISE_STORE", str(Path(".tailwise") / "store"))
+
+
+def open_store(url: str | None = None) -> ArtifactStore:
+    """The store named by `url`, else by $TAILWISE_STORE, else `.tailwise/store`."""
+    return ArtifactStore.from_url(url or default_store_url())
