@@ -94,6 +94,77 @@ def store_put(path: Annotated[Path, typer.Argument(help="File or directory to st
     print(json.dumps({"digest": manifest.digest, "uri": the_store.uri(manifest.digest)}))
 
 
+def run_and_report(step_name: str, params: dict, inputs: dict[str, str], store: str | None,
+                   use_cache: bool = True):
+    """Run one step inline (tracked in MLflow) and print its output digests."""
+    from steps.core.registry import load_step
+    from steps.core.step import run_step
+    from steps.core.tracking import open_tracker
+
+    the_store = open_store(store)
+    result = run_step(load_step(step_name), params, inputs, store=the_store,
+                      tracker=open_tracker(), use_cache=use_cache)
+    state = "cached" if result.cached else "computed"
+    for name, manifest in result.outputs.items():
+        console.print(f"{step_name}.{name}: {manifest.digest}  ({state})")
+    return the_store, result
+
+
+@app.command()
+def model(
+    name: Annotated[str, typer.Argument(
+        help="tiny-gpt2, tiny-llama, cnn, mlp (seeded random) or minilm, smollm2 (pretrained, "
+        "shipped by PyPI packages).")],
+    seed: Annotated[int, typer.Option(help="Seed of the tiny random models.")] = 0,
+    output: Annotated[Path | None, typer.Option(
+        help="Also write the model directory here.")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Build a model and store it as an artifact (an HF directory with safetensors)."""
+    the_store, result = run_and_report("build_model", {"name": name, "seed": seed}, {}, store)
+    if output is not None:
+        print(the_store.get(result.outputs["model"].digest, output))
+
+
+@app.command()
+def demo(
+    model_name: Annotated[str, typer.Option("--model", help="Model to build.")] = "tiny-gpt2",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute every step.")] = False,
+    store: StoreOption = None,
+) -> None:
+    """Run the demo flow on the embedded default (no servers) and say where to look."""
+    import os
+
+    # Prefect's ephemeral API server can take longer than its 20 s default on a small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.common import RunSettings
+    from flows.demo import DemoParams, demo as demo_flow
+
+    results = demo_flow(DemoParams(model=model_name),
+                        RunSettings(store=store, use_cache=not no_cache))
+    report_demo(results)
+
+
+def report_demo(results: dict) -> None:
+    console.rule("demo finished")
+    console.print(f"artifact store : {results['store']}")
+    console.print(f"MLflow         : parent run {results['parent_run_id']} "
+                  f"in {results['tracking_uri']}")
+    if str(results["tracking_uri"]).startswith("sqlite:"):
+        console.print(f"                 browse: mlflow ui --backend-store-uri "
+                      f"{results['tracking_uri']}")
+    last = None
+    for step_name in ("build_model", "spectral"):
+        result = results[step_name]
+        state = "cached" if result.cached else "computed"
+        for name, manifest in result.outputs.items():
+            console.print(f"{step_name:>11}.{name:<8}: {manifest.digest}  ({state})")
+            last = manifest.digest
+    for path in results.get("plots", []):
+        console.print(f"plot           : {path}")
+    console.print(f"audit it       : tailwise lineage {last[:12]}")
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; `--debug` shows the traceback."""
     debug = "--debug" in sys.argv[1:]

