@@ -138,7 +138,8 @@ def demo(
     # Prefect's ephemeral API server can take longer than its 20 s default on a small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.common import RunSettings
-    from flows.demo import DemoParams, demo as demo_flow
+    from flows.demo import DemoParams
+    from flows.demo import demo as demo_flow
 
     results = demo_flow(DemoParams(model=model_name),
                         RunSettings(store=store, use_cache=not no_cache))

