@@ -1,0 +1,71 @@
+"""TempBalance learning-rate factors: linear map and the sigmoid block variant."""
+
+import numpy as np
+import pytest
+from allocate_helpers import layer_table
+
+from steps.allocate import AllocationError, allocate
+
+
+def test_linear_endpoints_and_bounds():
+    alphas = [4.0, 2.0, 6.0, 3.0, 5.0]
+    decisions = allocate(layer_table(alphas), "tempbalance", exclude_first_last=False)
+    factor = decisions["lr_factor"].to_numpy()
+    np.testing.assert_allclose(factor, [1.0, 0.5, 1.5, 0.75, 1.25])
+    assert decisions["included"].to_numpy().all()
+
+
+def test_first_and_last_layers_keep_factor_one_and_leave_the_range():
+    alphas = [100.0, 2.0, 6.0, 4.0, 0.1]
+    factor = allocate(layer_table(alphas), "tempbalance")["lr_factor"].to_numpy()
+    np.testing.assert_allclose(factor, [1.0, 0.5, 1.5, 1.0, 1.0])
+
+
+def test_small_layers_are_left_out_when_shapes_are_known():
+    shapes = [(64, 64), (64, 10), (64, 64), (64, 64)]
+    table = layer_table([1.0, 9.0, 2.0, 3.0], shapes=shapes)
+    decisions = allocate(table, "tempbalance", exclude_first_last=False)
+    np.testing.assert_allclose(decisions["lr_factor"].to_numpy(), [0.5, 1.0, 1.0, 1.5])
+    assert decisions["included"].to_pylist() == [True, False, True, True]
+
+
+def test_custom_range():
+    decisions = allocate(
+        layer_table([1.0, 2.0, 3.0]),
+        "tempbalance",
+        lr_min=0.2,
+        lr_max=2.0,
+        exclude_first_last=False,
+    )
+    np.testing.assert_allclose(decisions["lr_factor"].to_numpy(), [0.2, 1.1, 2.0])
+
+
+def test_sigmoid_block_variant_formula():
+    # Blocks of two layers: block means 1, 2, 3; mean over blocks 2.
+    table = layer_table([0.5, 1.5, 2.0, 2.0, 3.5, 2.5], per_block=2)
+    decisions = allocate(
+        table, "tempbalance", variant="sigmoid", scale=0.5, exclude_first_last=False
+    )
+    phi = 0.5 * (1 / (1 + np.exp(-10 * np.array([-1.0, 0.0, 1.0]))) - 0.5)
+    np.testing.assert_allclose(decisions["lr_factor"].to_numpy(), np.repeat(10**phi, 2))
+    np.testing.assert_allclose(decisions["score"].to_numpy(), [1, 1, 2, 2, 3, 3])
+
+
+def test_sigmoid_bounds_and_monotone(llama7b):
+    decisions = allocate(llama7b, "tempbalance", variant="sigmoid", metric="alpha_peak", scale=2.0)
+    factor = decisions["lr_factor"].to_numpy()
+    included = decisions["included"].to_numpy()
+    assert factor.min() >= 10**-1 and factor.max() <= 10**1
+    np.testing.assert_array_equal(factor[~included], 1.0)
+    score = decisions["score"].to_numpy()[included]
+    assert np.all(np.diff(factor[included][np.argsort(score)]) >= 0)
+
+
+def test_llama7b_linear_hits_both_ends(llama7b):
+    factor = allocate(llama7b, "tempbalance", metric="alpha_peak")["lr_factor"].to_numpy()
+    assert factor.min() == pytest.approx(0.5) and factor.max() == pytest.approx(1.5)
+
+
+def test_lr_min_above_lr_max_is_rejected():
+    with pytest.raises(AllocationError, match="lr_min"):
+        allocate(layer_table([1.0, 2.0]), "tempbalance", lr_min=2.0, lr_max=1.0)
