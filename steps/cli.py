@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +17,7 @@ from rich.table import Table
 
 from steps.core.errors import TailwiseError
 from steps.core.lineage import FORMATS, downstream, render, upstream
+from steps.core.services import OFFLINE_ENV
 from steps.core.store import open_store
 
 app = typer.Typer(
@@ -95,19 +99,93 @@ def store_put(path: Annotated[Path, typer.Argument(help="File or directory to st
 
 
 def run_and_report(step_name: str, params: dict, inputs: dict[str, str], store: str | None,
-                   use_cache: bool = True):
+                   use_cache: bool = True, progress: bool = False):
     """Run one step inline (tracked in MLflow) and print its output digests."""
     from steps.core.registry import load_step
     from steps.core.step import run_step
     from steps.core.tracking import open_tracker
 
+    step = load_step(step_name)
+    params = step.validate(params)  # before anything is opened or written
     the_store = open_store(store)
-    result = run_step(load_step(step_name), params, inputs, store=the_store,
-                      tracker=open_tracker(), use_cache=use_cache)
+    result = run_step(step, params, inputs, store=the_store, tracker=open_tracker(),
+                      use_cache=use_cache, progress=progress)
     state = "cached" if result.cached else "computed"
     for name, manifest in result.outputs.items():
-        console.print(f"{step_name}.{name}: {manifest.digest}  ({state})")
+        console.print(f"{step_name}.{name}: {manifest.digest}  ({state})", soft_wrap=True)
     return the_store, result
+
+
+def model_ref(the_store, model: str) -> str:
+    """A model given as a path is checked and stored first (a source artifact); else a ref."""
+    path = Path(model)
+    if path.exists():
+        from steps.core.weights import open_weights
+
+        open_weights(path).infos()  # reads headers only: refuses a corrupt file before storing
+        return the_store.put(path, "model").digest
+    if re.fullmatch(r"(sha256:)?[0-9a-f]{4,64}|\w+://.+", model):
+        return the_store.resolve(model)
+    raise TailwiseError(f"model {model}: no such file or directory "
+                        "(give an HF model dir, a .safetensors file or an artifact digest)")
+
+
+@app.command()
+def spectral(
+    model: Annotated[str, typer.Argument(
+        help="HF model directory, .safetensors file, sharded index .json, or artifact digest.")],
+    estimator: Annotated[str, typer.Option(
+        help="ks (WeightWatcher), alpha_peak (AlphaPruning), alpha_peak_corrected, hill "
+        "(TempBalance).")] = "ks",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    output: Annotated[Path | None, typer.Option(
+        help="Also write the metrics table (Parquet) here.")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Also write the plots here.")] = None,
+    include: Annotated[list[str] | None, typer.Option(
+        help="Regex: analyse only matching matrices (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="Regex: skip matching matrices (repeatable).")] = None,
+    conv_slices: Annotated[bool, typer.Option(
+        help="One row per conv kernel slice instead of the pooled ESD.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute.")] = False,
+    store: StoreOption = None,
+) -> None:
+    """Measure every weight matrix's eigenvalue spectrum: alpha, norms, rank, warnings."""
+    the_store = open_store(store)
+    params = {"estimator": estimator, "device": device, "include": include,
+              "exclude": exclude, "conv_slices": conv_slices}
+    _, result = run_and_report("spectral", params, {"model": model_ref(the_store, model)},
+                               store, use_cache=not no_cache, progress=True)
+    metrics_path = the_store.get(result.outputs["metrics"].digest,
+                                 output or Path(tempfile.mkdtemp()) / "metrics.parquet")
+    print_spectral_summary(metrics_path)
+    if output:
+        console.print(f"metrics: {output}")
+    if plots and "plots" in result.outputs:
+        the_store.get(result.outputs["plots"].digest, plots)
+        for png in sorted(plots.glob("*.png")):
+            console.print(f"plot: {png}")
+
+
+def print_spectral_summary(metrics_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from steps.spectral import summarize
+
+    metrics = pq.read_table(metrics_path)
+    table = Table("layer", "name", "N x M", "alpha", "D", "lambda_max", "log_norm", "warning",
+                  title="per-matrix spectral metrics")
+    for row in metrics.to_pylist():
+        table.add_row(str(row["layer_id"]), row["name"], f"{row['N']} x {row['M']}",
+                      f"{row['alpha']:.3f}", f"{row['D']:.3f}", f"{row['lambda_max']:.4g}",
+                      f"{row['log_norm']:.3f}", row["warning"] or row["status"])
+    console.print(table)
+    summary = summarize(metrics)
+    console.print(f"{summary['num_fitted']}/{summary['num_matrices']} matrices fitted; mean "
+                  f"alpha {summary['mean_alpha']:.3f}, mean alpha_weighted "
+                  f"{summary['mean_alpha_weighted']:.3f}; {summary['num_over_trained']} "
+                  f"over-trained (alpha < 2), {summary['num_under_trained']} under-trained "
+                  f"(alpha > 6)")
 
 
 @app.command()
@@ -133,8 +211,6 @@ def demo(
     store: StoreOption = None,
 ) -> None:
     """Run the demo flow on the embedded default (no servers) and say where to look."""
-    import os
-
     # Prefect's ephemeral API server can take longer than its 20 s default on a small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.common import RunSettings
@@ -143,10 +219,10 @@ def demo(
 
     results = demo_flow(DemoParams(model=model_name),
                         RunSettings(store=store, use_cache=not no_cache))
-    report_demo(results)
+    report_demo(results, open_store(store))
 
 
-def report_demo(results: dict) -> None:
+def report_demo(results: dict, the_store) -> None:
     console.rule("demo finished")
     console.print(f"artifact store : {results['store']}")
     console.print(f"MLflow         : parent run {results['parent_run_id']} "
@@ -154,21 +230,27 @@ def report_demo(results: dict) -> None:
     if str(results["tracking_uri"]).startswith("sqlite:"):
         console.print(f"                 browse: mlflow ui --backend-store-uri "
                       f"{results['tracking_uri']}")
-    last = None
     for step_name in ("build_model", "spectral"):
         result = results[step_name]
         state = "cached" if result.cached else "computed"
         for name, manifest in result.outputs.items():
-            console.print(f"{step_name:>11}.{name:<8}: {manifest.digest}  ({state})")
-            last = manifest.digest
-    for path in results.get("plots", []):
-        console.print(f"plot           : {path}")
-    console.print(f"audit it       : tailwise lineage {last[:12]}")
+            console.print(f"{step_name:>11}.{name:<3}: {manifest.digest}  ({state})",
+                          soft_wrap=True)
+    plots = results["spectral"].outputs.get("plots")
+    if plots is not None:
+        folder = the_store.get(plots.digest, Path(".tailwise") / "demo" / f"plots-{plots.digest[:12]}")
+        for png in sorted(folder.glob("*.png")):
+            console.print(f"plot           : {png}")
+    metrics = results["spectral"].outputs["metrics"].digest
+    console.print(f"audit it       : tailwise lineage {metrics[:12]}", soft_wrap=True)
 
 
 def main() -> None:
     """Entry point: user errors print one line and exit 2; `--debug` shows the traceback."""
     debug = "--debug" in sys.argv[1:]
+    for key, value in OFFLINE_ENV.items():  # no telemetry, no hub downloads
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not its database chatter
     try:
         app(standalone_mode=True)
     except TailwiseError as exc:

@@ -7,6 +7,7 @@ time a test asks for it and stops at the end of the session.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,9 @@ for _var in (
 ):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# In-process Prefect (ephemeral API) keeps its database in a private home, not ~/.prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tailwise-prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from steps.core.services import (  # noqa: E402
     OFFLINE_ENV,

@@ -41,6 +41,8 @@ class StepContext:
 
     workdir: Path
     run: StepRun
+    input_digests: dict[str, str] = field(default_factory=dict)
+    progress: bool = False
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         self.run.log_metrics(metrics)
@@ -131,7 +133,8 @@ def git_revision() -> str | None:
 def run_step(step: Step, params: BaseModel | Mapping[str, Any] | None,
              inputs: Mapping[str, str], *, store: ArtifactStore,
              tracker: Tracker | None = None, parent_run_id: str | None = None,
-             flow_run_id: str | None = None, use_cache: bool = True) -> StepResult:
+             flow_run_id: str | None = None, use_cache: bool = True,
+             progress: bool = False) -> StepResult:
     """Run `step` on input artifact refs, or reuse its cached outputs."""
     params = step.validate(params)
     missing = set(step.inputs) - set(inputs)
@@ -151,7 +154,8 @@ def run_step(step: Step, params: BaseModel | Mapping[str, Any] | None,
         local_inputs = {name: materialise(store, digest, workdir / "inputs" / name)
                         for name, digest in input_digests.items()}
         (workdir / "out").mkdir()
-        written = step.fn(StepContext(workdir / "out", run), params, local_inputs)
+        context = StepContext(workdir / "out", run, input_digests, progress)
+        written = step.fn(context, params, local_inputs)
         produced_by = ProducedBy(
             step=step.name, step_version=step.version, params=params.model_dump(mode="json"),
             inputs=input_digests, cache_key=key, flow_run_id=flow_run_id,

@@ -1,0 +1,42 @@
+"""Evaluate step: perplexity (the pruning papers' way), accuracy, sparsity, size, one row per model.
+
+from steps.evaluate import evaluate_model_dir, write_rows
+row = evaluate_model_dir("pruned/", perplexity_text="test.txt")
+write_rows([row], "metrics.parquet")
+"""
+
+from steps.evaluate.metrics import (
+    EvaluationError,
+    accuracy,
+    achieved_sparsity,
+    default_seqlen,
+    parameter_count,
+    perplexity,
+    perplexity_of_ids,
+    size_on_disk,
+    tokenize_file,
+)
+from steps.evaluate.rows import (
+    ROW_SCHEMA,
+    evaluate_model,
+    evaluate_model_dir,
+    rows_table,
+    write_rows,
+)
+
+__all__ = [
+    "ROW_SCHEMA",
+    "EvaluationError",
+    "accuracy",
+    "achieved_sparsity",
+    "default_seqlen",
+    "evaluate_model",
+    "evaluate_model_dir",
+    "parameter_count",
+    "perplexity",
+    "perplexity_of_ids",
+    "rows_table",
+    "size_on_disk",
+    "tokenize_file",
+    "write_rows",
+]

@@ -1,0 +1,43 @@
+"""Prune step: magnitude, Wanda and SparseGPT on any HF causal LM's decoder blocks.
+
+from steps.prune import prune, save_pruned
+report = prune(model, tokenizer, method="wanda", sparsity=0.5, calibration_text=path)
+save_pruned(model, tokenizer, "pruned/", report)
+"""
+
+from steps.prune.api import (
+    METHODS,
+    REPORT_FILE,
+    PruneError,
+    layer_patterns,
+    parse_nm,
+    prune,
+    read_allocation,
+    save_pruned,
+    sparsity_report,
+)
+from steps.prune.calibration import (
+    DEFAULT_NSAMPLES,
+    DEFAULT_SEQLEN,
+    CalibrationError,
+    calibration_input_ids,
+)
+from steps.prune.masks import Pattern, PatternError
+
+__all__ = [
+    "DEFAULT_NSAMPLES",
+    "DEFAULT_SEQLEN",
+    "METHODS",
+    "REPORT_FILE",
+    "CalibrationError",
+    "Pattern",
+    "PatternError",
+    "PruneError",
+    "calibration_input_ids",
+    "layer_patterns",
+    "parse_nm",
+    "prune",
+    "read_allocation",
+    "save_pruned",
+    "sparsity_report",
+]

@@ -1,0 +1,71 @@
+"""Which weights to prune, from importance scores: True in a mask means "set to zero".
+
+Lower score = less important. Ties break by position (stable sort), so masks are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from steps.core.errors import TailwiseError
+
+
+class PatternError(TailwiseError, ValueError):
+    """A sparsity or N:M pattern that cannot be applied."""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """What to prune in one layer: a sparsity ratio, or N:M (keep N of every M consecutive
+    input weights of a row, NVIDIA's semi-structured sparsity; 2:4 and 4:8 are 50 %)."""
+
+    sparsity: float
+    nm: tuple[int, int] | None = None
+
+    @classmethod
+    def n_of_m(cls, n: int, m: int) -> Pattern:
+        return cls(sparsity=(m - n) / m, nm=(n, m))
+
+
+def pruned_count(total: int, sparsity: float) -> int:
+    """How many of `total` weights a sparsity ratio prunes (nearest integer)."""
+    return round(total * sparsity)
+
+
+def lowest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the same number of lowest scores in every row (Wanda's per-output comparison)."""
+    k = pruned_count(scores.shape[1], sparsity)
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+
+
+def lowest_overall(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the lowest scores of the whole matrix (magnitude pruning's per-layer threshold)."""
+    k = pruned_count(scores.numel(), sparsity)
+    order = torch.sort(scores.flatten(), stable=True).indices[:k]
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    return mask.scatter_(0, order, True).view_as(scores)
+
+
+def lowest_per_group(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M: in every group of m consecutive columns of a row, prune the m - n lowest scores."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise PatternError(
+            f"{n}:{m} sparsity needs the input width ({cols}) to be a multiple of {m}"
+        )
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=2, stable=True).indices[:, :, : m - n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, order, True)
+    return mask.reshape(rows, cols)
+
+
+def select(scores: torch.Tensor, pattern: Pattern, *, per_row: bool) -> torch.Tensor:
+    """The mask for a pattern: N:M groups, else the lowest scores per row or overall."""
+    if pattern.nm is not None:
+        return lowest_per_group(scores, *pattern.nm)
+    if per_row:
+        return lowest_per_row(scores, pattern.sparsity)
+    return lowest_overall(scores, pattern.sparsity)

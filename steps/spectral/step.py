@@ -1,0 +1,55 @@
+"""The spectral step: a model artifact -> per-matrix metrics, eigenvalues and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from steps.core.step import Output, Step, StepContext
+from steps.spectral import analyze, summarize
+from steps.spectral.plots import write_plots
+
+
+class SpectralParams(BaseModel):
+    estimator: Literal["ks", "alpha_peak", "alpha_peak_corrected", "hill"] = Field(
+        "ks", description="Power-law fit: ks (WeightWatcher), alpha_peak (AlphaPruning, "
+        "reference quirk), alpha_peak_corrected, hill (TempBalance).")
+    hill_k: float = Field(2.0, gt=1.0, description="hill: xmin at n / k (2: top half).")
+    small_n_fit: bool = Field(False, description="WeightWatcher 0.7.7's bias-corrected fit "
+                              "for fewer than 20 eigenvalues.")
+    device: str = Field("auto", description="auto, cpu or cuda.")
+    include: list[str] | None = Field(None, description="Regexes: only matching matrices.")
+    exclude: list[str] | None = Field(None, description="Regexes: skip matching matrices.")
+    min_evals: int = Field(10, ge=1)
+    max_evals: int | None = Field(15_000, ge=1)
+    max_n: int | None = Field(50_000, ge=1)
+    conv_slices: bool = Field(False, description="One row per conv kernel slice.")
+    plots: bool = Field(True, description="Draw the alpha-vs-depth and ESD plots.")
+
+
+def spectral(ctx: StepContext, params: SpectralParams, inputs: dict[str, Path]) -> dict:
+    options = params.model_dump(exclude={"plots"})
+    metrics, esd = analyze(inputs["model"], **options, progress=ctx.progress, return_esd=True)
+    digest = ctx.input_digests.get("model", "")
+    metrics = metrics.append_column("model_digest", pa.array([digest] * metrics.num_rows))
+    outputs = {"metrics": write_table(metrics, ctx.workdir / "metrics.parquet", "spectral-metrics"),
+               "esd": write_table(esd, ctx.workdir / "esd.parquet", "esd")}
+    ctx.log_metrics({k: v for k, v in summarize(metrics).items() if v == v})  # drop NaN
+    if params.plots:
+        plot_dir = ctx.workdir / "plots"
+        for path in write_plots(metrics, esd, plot_dir):
+            ctx.log_file(path, "plots")
+        outputs["plots"] = Output(plot_dir, "plots")
+    return outputs
+
+
+def write_table(table: pa.Table, path: Path, kind: str) -> Output:
+    pq.write_table(table, path)
+    return Output(path, kind, "application/vnd.apache.parquet")
+
+
+STEP = Step(name="spectral", version="1", params=SpectralParams, inputs=("model",), fn=spectral)
