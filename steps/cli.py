@@ -188,6 +188,66 @@ def print_spectral_summary(metrics_path: Path) -> None:
                   f"(alpha > 6)")
 
 
+def table_ref(the_store, table: str, kind: str) -> str:
+    """A table given as a path is stored first (a source artifact); else a ref."""
+    if Path(table).is_file():
+        return the_store.put(Path(table), kind).digest
+    if re.fullmatch(r"(sha256:)?[0-9a-f]{4,64}|\w+://.+", table):
+        return the_store.resolve(table)
+    raise TailwiseError(f"{kind} table {table}: no such file (give a .parquet/.csv file or an "
+                        "artifact digest)")
+
+
+@app.command()
+def allocate(
+    metrics: Annotated[str, typer.Argument(
+        help="Per-layer metrics (.parquet or .csv with name + metric columns) or a digest.")],
+    policy: Annotated[str, typer.Option(
+        help="uniform, alphapruning, owl (sparsity); tempbalance (lr_factor); alphalora "
+        "(experts).")] = "alphapruning",
+    sparsity: Annotated[float | None, typer.Option(help="Global target sparsity.")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="AlphaPruning spread.")] = None,
+    metric: Annotated[str | None, typer.Option(help="Metric column [default: alpha].")] = None,
+    mode: Annotated[str | None, typer.Option(
+        help="reference (the paper's code) or the policy's improved default.")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-o", help="Any other policy option as KEY=VALUE (repeatable), e.g. "
+        "-o total=160 -o beta=2.5.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        help="Also write the decisions table (Parquet) here.")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Turn per-layer metrics into per-layer decisions: sparsity, lr factor or LoRA experts."""
+    options = {k: v for k, v in (("sparsity", sparsity), ("epsilon", epsilon),
+                                 ("metric", metric), ("mode", mode)) if v is not None}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TailwiseError(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = json.loads(value) if re.fullmatch(r"[-+\d.eE]+|true|false", value) \
+            else value
+    the_store = open_store(store)
+    params = {"policy": policy, "options": options}
+    _, result = run_and_report("allocate", params,
+                               {"metrics": table_ref(the_store, metrics, "metrics")}, store)
+    decisions = the_store.get(result.outputs["decisions"].digest,
+                              output or Path(tempfile.mkdtemp()) / "decisions.parquet")
+    print_decisions(decisions)
+
+
+def print_decisions(path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    decisions = pq.read_table(path)
+    column = next(c for c in ("sparsity", "lr_factor", "experts") if c in decisions.column_names)
+    table = Table("name", "block", column, title="per-layer decisions")
+    for row in decisions.to_pylist():
+        value = row[column]
+        table.add_row(row["name"], str(row.get("block")),
+                      f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
 @app.command()
 def model(
     name: Annotated[str, typer.Argument(
@@ -238,7 +298,8 @@ def report_demo(results: dict, the_store) -> None:
                           soft_wrap=True)
     plots = results["spectral"].outputs.get("plots")
     if plots is not None:
-        folder = the_store.get(plots.digest, Path(".tailwise") / "demo" / f"plots-{plots.digest[:12]}")
+        folder = Path(".tailwise") / "demo" / f"plots-{plots.digest[:12]}"
+        the_store.get(plots.digest, folder)
         for png in sorted(folder.glob("*.png")):
             console.print(f"plot           : {png}")
     metrics = results["spectral"].outputs["metrics"].digest
