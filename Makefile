@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install system-deps demo test lint bench clean
+.PHONY: install system-deps demo test lint bench up down status clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,12 +22,12 @@ $(STAMP):
 
 install: $(STAMP) system-deps
 
-# Text corpora from Debian (public domain KJV, fortunes); installed when we may, else explained.
+# Debian packages: text corpora (public domain KJV, fortunes) and Chromium for the UI test.
 system-deps:
-	@if ! command -v bible >/dev/null || [ ! -d /usr/share/games/fortunes ]; then \
+	@if ! command -v bible >/dev/null || [ ! -d /usr/share/games/fortunes ] || [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bible-kjv fortunes) >/dev/null; \
-	  else echo "note: run 'sudo apt-get install bible-kjv fortunes' for the text corpora"; fi; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bible-kjv fortunes chromium) >/dev/null; \
+	  else echo "note: run 'sudo apt-get install bible-kjv fortunes chromium' (corpora; browser tests)"; fi; \
 	fi
 
 demo: install
@@ -42,6 +42,15 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/store.py
+
+up: install
+	$(BIN)/python infra/local/stack.py up
+
+down:
+	$(BIN)/python infra/local/stack.py down
+
+status:
+	$(BIN)/python infra/local/stack.py status
 
 clean:
 	rm -rf .tailwise .pytest_cache

@@ -2,30 +2,40 @@
 
 Flows only compose: they name steps, params and input digests. The numerical work
 happens in `steps/`, imported by name when a task runs, so this module never
-imports torch.
+imports torch. A flow is a few lines:
+
+    @flow
+    def my_flow(params: MyParams = MyParams(), settings: RunSettings = RunSettings()):
+        with flow_run_context("my_flow", settings, params.model_dump()) as run:
+            model = run.step("build_model", {"name": params.model})
+            run.step("spectral", {}, {"model": model.digests()["model"]})
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from flows.runners import RUNNERS, Dispatch
 from steps.core.errors import ArtifactNotFound, ParamsError
 from steps.core.registry import load_step
-from steps.core.step import StepResult, run_step
+from steps.core.step import StepResult, cached_result
 from steps.core.store import ArtifactStore, open_store
 from steps.core.tracking import NullTracker, open_tracker
 
+RunnerName = Literal["inline", "process", "deployment"]
+
 
 class RunSettings(BaseModel):
-    """Where a flow keeps its artifacts and records its runs."""
+    """Where a flow keeps its artifacts, records its runs, and runs its steps."""
 
     store: str | None = Field(None, description="Artifact store URL: a directory or "
                               "s3://bucket/prefix (default $TAILWISE_STORE or .tailwise/store).")
@@ -33,24 +43,35 @@ class RunSettings(BaseModel):
                                      "$MLFLOW_TRACKING_URI or .tailwise/mlflow.db).")
     tracking: bool = Field(True, description="Record runs in MLflow.")
     use_cache: bool = Field(True, description="Reuse outputs of steps already computed.")
+    no_cache: list[str] = Field(default_factory=list,
+                                description="Steps to recompute even when cached.")
+    runner: RunnerName = Field("inline", description="Where steps run: in the flow's process, "
+                               "as a subprocess (the container command), or as their own "
+                               "Prefect deployment on a work pool.")
 
 
 @dataclass
 class FlowRun:
-    """A running flow: its store, its tracker and its parent MLflow run."""
+    """A running flow: its store, tracker, parent MLflow run and how steps are run."""
 
     name: str
     store: ArtifactStore
     tracker: NullTracker
     parent_run_id: str | None
     flow_run_id: str | None
-    use_cache: bool
+    settings: RunSettings
+    results: dict[str, StepResult] = field(default_factory=dict)
 
     def step(self, name: str, params: Mapping[str, Any] | None = None,
-             inputs: Mapping[str, str] | None = None) -> StepResult:
+             inputs: Mapping[str, str] | None = None, label: str | None = None) -> StepResult:
         """Run step `name` as a Prefect task (or reuse its cached outputs)."""
-        return step_task.with_options(name=name)(self, name, dict(params or {}),
-                                                  dict(inputs or {}))
+        result = step_task.with_options(name=label or name)(self, name, dict(params or {}),
+                                                            dict(inputs or {}))
+        self.results[label or name] = result
+        return result
+
+    def dispatch(self) -> Dispatch:
+        return Dispatch(self.store, self.tracker, self.parent_run_id, self.flow_run_id)
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -63,17 +84,29 @@ def is_transient(task, task_run, state) -> bool:
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient,
       cache_policy=NO_CACHE)
 def step_task(run: FlowRun, name: str, params: dict, inputs: dict) -> StepResult:
-    result = run_step(load_step(name), params, inputs, store=run.store, tracker=run.tracker,
-                      parent_run_id=run.parent_run_id, flow_run_id=run.flow_run_id,
-                      use_cache=run.use_cache)
-    logger = get_run_logger()
-    outputs = ", ".join(f"{k}={v[:12]}" for k, v in result.digests().items())
-    if result.cached:
-        logger.info("step %s: cached (from run %s; mlflow run %s): %s", name,
-                    result.flow_run_id, result.mlflow_run_id, outputs)
-    else:
-        logger.info("step %s: computed (mlflow run %s): %s", name, result.mlflow_run_id, outputs)
+    step = load_step(name)
+    valid = step.validate(params)
+    digests = {key: run.store.resolve(ref) for key, ref in inputs.items()}
+    use_cache = run.settings.use_cache and name not in run.settings.no_cache
+    result = use_cache and cached_result(run.store, step, valid, digests)
+    if not result:
+        result = RUNNERS[run.settings.runner](run.dispatch(), step, valid, digests)
+    report(name, result, run.store)
     return result
+
+
+def report(name: str, result: StepResult, store: ArtifactStore) -> None:
+    """Say in the run log and as a Prefect artifact what the step produced, and where."""
+    outputs = ", ".join(f"{k}={v[:12]}" for k, v in result.digests().items())
+    origin = (f"cached (from run {result.flow_run_id})" if result.cached
+              else f"computed by run {result.flow_run_id}")
+    get_run_logger().info("step %s: %s, mlflow run %s: %s", name, origin,
+                          result.mlflow_run_id, outputs)
+    rows = [{"output": key, "digest": m.digest, "kind": m.kind, "size": m.size,
+             "uri": store.uri(m.digest)} for key, m in result.outputs.items()]
+    create_table_artifact(rows, key=f"{name.replace('_', '-')}-outputs",
+                          description=f"step {name}: {origin}; MLflow run "
+                          f"{result.mlflow_run_id}")
 
 
 @contextmanager
@@ -84,4 +117,4 @@ def flow_run_context(name: str, settings: RunSettings,
     tracker = open_tracker(settings.tracking_uri, settings.tracking)
     run_id = flow_run.get_id()
     with tracker.flow_run(name, params, run_id) as parent:
-        yield FlowRun(name, store, tracker, parent.run_id, run_id, settings.use_cache)
+        yield FlowRun(name, store, tracker, parent.run_id, run_id, settings)

@@ -9,6 +9,7 @@ See ``analyze`` for the options and METHODS.md section 1 for the definitions.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -39,6 +40,9 @@ ESD_SCHEMA = pa.schema(
     ]
 )
 _GPU_BATCH_BYTES = 1 << 30  # float64 bytes of same-shape matrices sent to the GPU at once
+# Heap pages are handed back to the OS after matrices this big (smaller ones would pay
+# page faults for little memory).
+_TRIM_AFTER_ELEMENTS = 1 << 22
 
 Progress = Callable[[int, int, str], None]
 
@@ -216,9 +220,11 @@ def _run(source, selected: list[MatrixInfo], options: _Options, workers, report)
     """(metrics row, eigenvalues) for every spectrum, in model order."""
     workers = workers or min(os.cpu_count() or 1, 8)
     results: list[tuple[dict, np.ndarray]] = []
-    with threadpool_limits(limits=1), ThreadPoolExecutor(workers) as pool:
-        # BLAS is single-threaded per worker: parallel matrices scale better than
-        # threaded LAPACK on small (<= 4k) matrices, and never oversubscribe.
+    # BLAS is single-threaded per worker: parallel matrices scale better than threaded
+    # LAPACK on small (<= 4k) matrices, and never oversubscribe. BLAS limits are global,
+    # OpenMP's (torch's copies) are per thread, hence the initializer.
+    pool = ThreadPoolExecutor(workers, initializer=_single_threaded_worker)
+    with threadpool_limits(limits=1), pool:
         in_flight: list[Future] = []
         for batch in _batches(selected, options.device):
             if options.device == "cpu":
@@ -233,6 +239,10 @@ def _run(source, selected: list[MatrixInfo], options: _Options, workers, report)
             _collect(future, results, report)
     results.sort(key=lambda item: (item[0]["layer_id"], item[0]["slice_id"] or 0))
     return results
+
+
+def _single_threaded_worker() -> None:
+    threadpool_limits(limits=1, user_api="openmp")  # stays in force for this thread
 
 
 def _batches(selected: list[MatrixInfo], device: str) -> Iterator[list[MatrixInfo]]:
@@ -260,7 +270,33 @@ def _spectra_of(source, batch: list[MatrixInfo], options: _Options) -> list[list
 
 
 def _analyse_batch(source, batch: list[MatrixInfo], options: _Options):
-    return _fit_batch(batch, _spectra_of(source, batch, options), options)
+    spectra = _spectra_of(source, batch, options)
+    if sum(int(np.prod(info.shape)) for info in batch) >= _TRIM_AFTER_ELEMENTS:
+        _release_freed_memory()
+    return _fit_batch(batch, spectra, options)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only).
+
+    glibc keeps freed buffers of tens of MB in per-thread arenas, so without this the
+    resident size creeps towards (workers x the largest matrices' float64 copies) plus
+    fragmentation instead of staying at what is in use.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - only glibc has it
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
 
 
 def _fit_batch(batch: list[MatrixInfo], spectra: list[list[Spectrum]], options: _Options):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 CONV2D_SCALE = 0.5
-_GRAM_CHUNK_ELEMENTS = 1 << 22  # rows of W are converted to float64 in chunks this big
+_GRAM_CHUNK_ELEMENTS = 1 << 20  # rows of W are converted to float64 in chunks this big (8 MB)
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,9 @@ def gram_eigenvalues(matrix: torch.Tensor) -> np.ndarray:
     step = max(1, _GRAM_CHUNK_ELEMENTS // max(cols, 1))
     gram = np.zeros((cols, cols))
     for start in range(0, rows, step):
-        chunk = matrix[start : start + step].to(device="cpu", dtype=torch.float64).numpy()
-        chunk = np.ascontiguousarray(chunk)
+        rows_chunk = matrix[start : start + step].to(device="cpu")
+        # One row-major float64 copy (a transposed view would otherwise need two).
+        chunk = rows_chunk.to(torch.float64, memory_format=torch.contiguous_format).numpy()
         gram += chunk.T @ chunk
     evals = np.linalg.eigvalsh(gram)
     # Rounding can leave eigenvalues of a singular Gram matrix slightly negative.

@@ -16,11 +16,14 @@ from steps.spectral.plots import write_plots
 
 class SpectralParams(BaseModel):
     estimator: Literal["ks", "alpha_peak", "alpha_peak_corrected", "hill"] = Field(
-        "ks", description="Power-law fit: ks (WeightWatcher), alpha_peak (AlphaPruning, "
-        "reference quirk), alpha_peak_corrected, hill (TempBalance).")
+        "ks",
+        description="Power-law fit: ks (WeightWatcher), alpha_peak (AlphaPruning, "
+        "reference quirk), alpha_peak_corrected, hill (TempBalance).",
+    )
     hill_k: float = Field(2.0, gt=1.0, description="hill: xmin at n / k (2: top half).")
-    small_n_fit: bool = Field(False, description="WeightWatcher 0.7.7's bias-corrected fit "
-                              "for fewer than 20 eigenvalues.")
+    small_n_fit: bool = Field(
+        False, description="WeightWatcher 0.7.7's bias-corrected fit for fewer than 20 eigenvalues."
+    )
     device: str = Field("auto", description="auto, cpu or cuda.")
     include: list[str] | None = Field(None, description="Regexes: only matching matrices.")
     exclude: list[str] | None = Field(None, description="Regexes: skip matching matrices.")
@@ -36,8 +39,10 @@ def spectral(ctx: StepContext, params: SpectralParams, inputs: dict[str, Path]) 
     metrics, esd = analyze(inputs["model"], **options, progress=ctx.progress, return_esd=True)
     digest = ctx.input_digests.get("model", "")
     metrics = metrics.append_column("model_digest", pa.array([digest] * metrics.num_rows))
-    outputs = {"metrics": write_table(metrics, ctx.workdir / "metrics.parquet", "spectral-metrics"),
-               "esd": write_table(esd, ctx.workdir / "esd.parquet", "esd")}
+    outputs = {
+        "metrics": write_table(metrics, ctx.workdir / "metrics.parquet", "spectral-metrics"),
+        "esd": write_table(esd, ctx.workdir / "esd.parquet", "esd"),
+    }
     ctx.log_metrics({k: v for k, v in summarize(metrics).items() if v == v})  # drop NaN
     if params.plots:
         plot_dir = ctx.workdir / "plots"

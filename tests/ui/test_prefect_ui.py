@@ -1,0 +1,145 @@
+"""Trigger the `demo` deployment from the Prefect UI in headless Chromium, then audit the run.
+
+The stack (nanio S3, MLflow, Prefect server + UI, process worker) comes from
+`infra/local/stack.py up` in a temp dir (fixture `stack` in conftest.py). The browser is
+Debian's chromium driven by Playwright; browsers are never downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from steps.core.services import s3_client
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+RUN_DEADLINE_S = 180
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+pytestmark = [
+    pytest.mark.ui,
+    pytest.mark.services,
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(),
+                       reason="needs Debian's chromium at /usr/bin/chromium (apt-get install "
+                              "chromium); Playwright's own browsers are not downloaded"),
+]
+
+
+def wait_for_final_state(api_url: str, flow_run_id: str) -> dict:
+    """Poll the Prefect API until the flow run reaches a final state (or fail at the deadline)."""
+    deadline = time.monotonic() + RUN_DEADLINE_S
+    with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as client:
+        while True:
+            run = client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
+            if run["state"]["type"] in FINAL_STATES:
+                return run
+            assert time.monotonic() < deadline, f"flow run still {run['state']['type']}"
+            time.sleep(1)  # poll interval, not a synchronisation
+
+
+def trigger_custom_run(page, ui_url: str, seed: int) -> str:
+    """Find the `demo` deployment, fill the custom-run form with `seed`; return the run id."""
+    page.goto(f"{ui_url}/deployments")
+    page.locator("a[href^='/deployments/deployment/']", has_text="demo").first.click()
+    page.wait_for_url("**/deployments/deployment/*")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run").click()
+    page.wait_for_url("**/deployments/deployment/*/run**")
+    seed_field = page.locator(".schema-form-property").filter(
+        has=page.get_by_text("Seed (Optional)", exact=True)).last
+    seed_input = seed_field.locator("input[type=number]")
+    seed_input.fill(str(seed))
+    page.get_by_role("button", name="Submit", exact=True).click()
+    # The UI goes back to the deployment and links the new run (toast and Runs tab).
+    link = page.locator("a[href*='/runs/flow-run/']").first
+    href = link.get_attribute("href")
+    page.goto(f"{ui_url}{href}")
+    return re.search(r"/runs/flow-run/([0-9a-f-]{36})", href).group(1)
+
+
+def save_screenshot(page, path: Path) -> None:
+    page.screenshot(path=str(path), full_page=True)
+    if target := os.environ.get("TAILWISE_TEST_ARTIFACTS"):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(target) / path.name)
+
+
+def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
+                                             headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            flow_run_id = trigger_custom_run(page, stack.prefect_ui_url, seed=1)
+            run = wait_for_final_state(stack.prefect_api_url, flow_run_id)
+            page.reload(wait_until="networkidle")
+            expect(page.get_by_text("Completed").first).to_be_visible(timeout=30_000)
+            save_screenshot(page, tmp_path / "prefect-ui-completed-run.png")
+        finally:
+            browser.close()
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["parameters"]["params"]["seed"] == 1
+
+    # The artifacts: manifests in the stack's bucket, made by this flow run.
+    env = stack.client_env()
+    s3 = s3_client(env["AWS_ENDPOINT_URL_S3"], env["AWS_ACCESS_KEY_ID"],
+                   env["AWS_SECRET_ACCESS_KEY"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="tailwise", Prefix="store/manifests/")
+            .get("Contents", [])]
+    manifests = [json.loads(s3.get_object(Bucket="tailwise", Key=k)["Body"].read()) for k in keys]
+    ours = [m for m in manifests if (m.get("produced_by") or {}).get("flow_run_id") == flow_run_id]
+    assert {m["produced_by"]["step"] for m in ours} == {"build_model", "spectral"}
+    metrics = next(m for m in ours if m["produced_by"]["step"] == "spectral"
+                   and m["kind"] == "spectral-metrics")
+
+    # The MLflow runs: a parent for the flow run, a child per step.
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(stack.mlflow_url)
+    experiment = mlflow.get_experiment_by_name("tailwise").experiment_id
+    [parent] = mlflow.search_runs(
+        [experiment], f"tags.`tailwise.flow_run_id` = '{flow_run_id}'")
+    children = mlflow.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.info.run_name for c in children} == {"build_model", "spectral"}
+    assert all(c.info.status == "FINISHED" for c in [parent, *children])
+    build = next(c for c in children if c.info.run_name == "build_model")
+    assert build.data.params["seed"] == "1"
+
+    # The lineage, from the S3 store, shows both steps and the changed parameter.
+    lineage = subprocess.run(
+        [sys.executable, "-m", "steps.cli", "lineage", metrics["digest"], "--format", "json"],
+        env=os.environ | env, capture_output=True, text=True, timeout=120)
+    assert lineage.returncode == 0, lineage.stderr
+    steps = {s["step"]: s for s in json.loads(lineage.stdout)["steps"]}
+    assert set(steps) == {"build_model", "spectral"}
+    assert steps["build_model"]["params"]["seed"] == 1
+    assert steps["spectral"]["flow_run_id"] == flow_run_id
+    model_digest = next(m["digest"] for m in ours if m["produced_by"]["step"] == "build_model")
+    assert steps["spectral"]["inputs"] == {"model": model_digest}
+
+
+def test_second_up_is_harmless(stack, stack_env):
+    """`up` on a running stack starts nothing and keeps every PID."""
+    before = json.loads(stack.pids_file.read_text())
+    again = subprocess.run([sys.executable, "infra/local/stack.py", "up"], cwd=REPO,
+                           env=os.environ | stack_env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "started" not in again.stdout and again.stdout.count(" running ") == 4
+    assert json.loads(stack.pids_file.read_text()) == before
