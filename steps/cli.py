@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 store_app = typer.Typer(help="Look into and add to the artifact store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+cache_app = typer.Typer(help="List and evict step cache entries.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 console = Console()
 
 StoreOption = Annotated[str | None, typer.Option(
@@ -96,6 +98,38 @@ def store_put(path: Annotated[Path, typer.Argument(help="File or directory to st
     the_store = open_store(store)
     manifest = the_store.put(path, kind)
     print(json.dumps({"digest": manifest.digest, "uri": the_store.uri(manifest.digest)}))
+
+
+@cache_app.command("ls")
+def cache_ls(step: Annotated[str | None, typer.Option(help="Only this step.")] = None,
+             store: StoreOption = None) -> None:
+    """List cached step results: cache key, step, outputs, the run that computed them."""
+    table = Table("key", "step", "outputs", "flow run", "created")
+    entries = sorted(open_store(store).cache_entries(), key=lambda e: e[1].get("created_at", ""))
+    for key, entry in entries:
+        if step in (None, entry.get("step")):
+            outputs = ", ".join(f"{k}={v[:12]}" for k, v in entry.get("outputs", {}).items())
+            table.add_row(key[:12], entry.get("step", "?"), outputs,
+                          str(entry.get("flow_run_id") or "-"), entry.get("created_at", ""))
+    console.print(table)
+
+
+@cache_app.command("rm")
+def cache_rm(keys: Annotated[list[str] | None, typer.Argument(
+                 help="Cache keys or unique prefixes.")] = None,
+             step: Annotated[str | None, typer.Option(help="Every entry of this step.")] = None,
+             all_: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
+             store: StoreOption = None) -> None:
+    """Evict cache entries, so the next run recomputes them (artifacts stay in the store)."""
+    the_store = open_store(store)
+    entries = the_store.cache_entries()
+    chosen = {key for key, entry in entries
+              if all_ or entry.get("step") == step or any(key.startswith(k) for k in keys or [])}
+    if not chosen and not (keys or step or all_):
+        raise TailwiseError("cache rm: name cache keys, --step NAME or --all")
+    for key in sorted(chosen):
+        the_store.cache_delete(key)
+    console.print(f"evicted {len(chosen)} cache entr{'y' if len(chosen) == 1 else 'ies'}")
 
 
 def run_and_report(step_name: str, params: dict, inputs: dict[str, str], store: str | None,

@@ -13,7 +13,7 @@ from typing import Any
 
 from steps.core.store import ArtifactStore, Manifest, ProducedBy
 
-FORMATS = ("text", "json", "dot", "mermaid")
+FORMATS = ("text", "json", "dot", "mermaid", "html")
 
 
 @dataclass
@@ -206,7 +206,76 @@ def _mermaid(text: str) -> str:
     return text.replace('"', "#quot;")
 
 
+def columns(graph: Graph) -> list[list[str]]:
+    """Nodes by depth: sources in column 0, each node one right of its deepest input."""
+    incoming: dict[str, list[str]] = defaultdict(list)
+    for a, b in graph.edges:
+        incoming[b].append(a)
+    depth: dict[str, int] = {}
+
+    def depth_of(node: str) -> int:
+        if node not in depth:
+            depth[node] = 1 + max((depth_of(a) for a in incoming[node]), default=-1)
+        return depth[node]
+
+    nodes = sorted(graph.artifacts) + sorted(graph.steps)
+    layout: list[list[str]] = [[] for _ in range(1 + max(map(depth_of, nodes)))]
+    for node in nodes:
+        layout[depth[node]].append(node)
+    return layout
+
+
+def to_html(graph: Graph) -> str:
+    """A self-contained page (inline SVG, no scripts) that draws the graph."""
+    from html import escape
+
+    width, height, gap_x, gap_y = 230, 64, 70, 26
+    layout = columns(graph)
+    where = {node: (20 + c * (width + gap_x), 20 + r * (height + gap_y))
+             for c, column in enumerate(layout) for r, node in enumerate(column)}
+    svg_w = 40 + len(layout) * (width + gap_x)
+    svg_h = 40 + max(len(c) for c in layout) * (height + gap_y)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{svg_w}" height="{svg_h}">',
+             '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" '
+             'markerWidth="8" markerHeight="8" orient="auto"><path d="M0,0L10,5L0,10z" '
+             'fill="#555"/></marker></defs>']
+    for a, b in sorted(graph.edges):
+        (x1, y1), (x2, y2) = where[a], where[b]
+        parts.append(f'<line x1="{x1 + width}" y1="{y1 + height / 2}" x2="{x2}" '
+                     f'y2="{y2 + height / 2}" stroke="#555" marker-end="url(#arrow)"/>')
+    for node, (x, y) in where.items():
+        if node in graph.steps:
+            made = graph.steps[node]
+            title, detail, fill = f"{made.step} v{made.step_version}", \
+                params_text(made.params), "#dde8f7"
+        else:
+            title, detail = short(node), artifact_label(graph.artifacts[node])
+            fill = "#fde9c8" if node == graph.root else "#f4f4f4"
+        parts.append(f'<g class="node" id="{escape(node)}"><title>{escape(node)}</title>'
+                     f'<rect x="{x}" y="{y}" width="{width}" height="{height}" rx="8" '
+                     f'fill="{fill}" stroke="#888"/>'
+                     f'<text x="{x + 10}" y="{y + 24}" font-weight="bold">{escape(title)}</text>'
+                     f'<text x="{x + 10}" y="{y + 46}" font-size="11">'
+                     f'{escape(detail[:36])}</text></g>')
+    parts.append("</svg>")
+    rows = "".join(
+        f"<tr><td>{escape(m.step)} v{escape(m.step_version)}</td>"
+        f"<td><code>{escape(params_text(m.params))}</code></td>"
+        f"<td>{'<br>'.join(f'{escape(k)}: <code>{v}</code>' for k, v in m.inputs.items())}</td>"
+        f"<td>{escape(m.flow_run_id or '-')}</td><td>{escape(m.mlflow_run_id or '-')}</td>"
+        f"<td>{escape(m.git_revision or '-')}</td></tr>"
+        for m in graph.steps.values())
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>lineage of "
+            f"{short(graph.root)}</title><style>body{{font-family:sans-serif;margin:20px}}"
+            f"td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}"
+            f"table{{border-collapse:collapse}}</style></head><body>"
+            f"<h1>{graph.direction} lineage of {short(graph.root)}</h1>{''.join(parts)}"
+            f"<h2>Steps</h2><table><tr><th>step</th><th>params</th><th>inputs</th>"
+            f"<th>flow run</th><th>MLflow run</th><th>git</th></tr>{rows}</table>"
+            f"</body></html>")
+
+
 def render(graph: Graph, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(to_json(graph), indent=2)
-    return {"text": to_text, "dot": to_dot, "mermaid": to_mermaid}[fmt](graph)
+    return {"text": to_text, "dot": to_dot, "mermaid": to_mermaid, "html": to_html}[fmt](graph)

@@ -88,10 +88,31 @@ def test_mermaid_format(chain):
     assert any(line.strip().startswith("n") and "shout v1" in line for line in lines)
 
 
+def test_html_format_draws_every_node_and_edge(chain):
+    store, text, loud, count = chain
+    page = render(upstream(store, count), "html")
+    assert page.startswith("<!doctype html>") and "<script" not in page
+    assert page.count('<g class="node"') == 5 and page.count("<line ") == 4
+    assert f'id="{count}"' in page and "shout v1" in page and "times=2" in page
+
+
+def test_cache_cli_lists_and_evicts(chain):
+    store, text, loud, count = chain
+    cli = [sys.executable, "-m", "steps.cli", "cache"]
+    where = ["--store", store.url[len("file://"):]]
+    listed = subprocess.run(cli + ["ls", *where], capture_output=True, text=True)
+    assert listed.returncode == 0 and "shout" in listed.stdout and "count" in listed.stdout
+    evicted = subprocess.run(cli + ["rm", "--step", "shout", *where], capture_output=True,
+                             text=True)
+    assert evicted.returncode == 0 and "evicted 1 cache entry" in evicted.stdout
+    assert [entry["step"] for _, entry in store.cache_entries()] == ["count"]
+    assert store.exists(loud)  # evicting a cache entry keeps the artifact
+
+
 def test_lineage_cli(chain, tmp_path):
     store, text, loud, count = chain
     cli = [sys.executable, "-m", "steps.cli", "lineage", "--store", store.url[len("file://"):]]
-    for fmt in ("text", "json", "dot", "mermaid"):
+    for fmt in ("text", "json", "dot", "mermaid", "html"):
         done = subprocess.run(cli + [count[:12], "--format", fmt], capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 0, done.stderr
