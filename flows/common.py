@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import get_run_logger, task
@@ -69,6 +70,11 @@ class FlowRun:
                                                             dict(inputs or {}))
         self.results[label or name] = result
         return result
+
+    def source(self, ref: str, kind: str) -> str:
+        """The digest of an input given as a local path (stored first) or an artifact ref."""
+        path = Path(ref)
+        return self.store.put(path, kind).digest if path.exists() else self.store.resolve(ref)
 
     def dispatch(self) -> Dispatch:
         return Dispatch(self.store, self.tracker, self.parent_run_id, self.flow_run_id)

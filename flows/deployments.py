@@ -2,9 +2,7 @@
 
 One entry per flow. Entry points are module paths (`flows.demo.demo`), so a worker
 imports the flow from the installed package whatever its working directory. Add a
-flow with one line; give it `cron=` (with `timezone=`) to run it on a schedule, e.g.
-
-    spectral_audit.to_deployment(name="nightly", cron="0 3 * * *", timezone="UTC", **common)
+flow with one line; give it a `schedule=` to run it on one, as `spectral_audit` below.
 """
 
 from __future__ import annotations
@@ -12,8 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron
 
 from flows.demo import demo
+from flows.spectral_audit import AuditParams, spectral_audit
+from flows.step_flow import step_deployments
 
 
 def deployments() -> list[RunnerDeployment]:
@@ -22,4 +23,10 @@ def deployments() -> list[RunnerDeployment]:
     return [
         demo.to_deployment(name="demo", description="build_model -> spectral on a tiny model.",
                            **common),
+        spectral_audit.to_deployment(
+            name="nightly", schedule=Cron("0 3 * * *", timezone="UTC"),
+            description="Nightly spectral audit; set `models` to your checkpoints.",
+            parameters={"params": AuditParams(models=["tiny-model"]).model_dump()},
+            paused=True, **common),
+        *step_deployments(entrypoint_type=EntrypointType.MODULE_PATH),
     ]

@@ -21,9 +21,10 @@ def step_flow(step: str, request: dict[str, Any]) -> dict[str, Any]:
     return execute(load_step(step), StepRequest.model_validate(request)).to_json()
 
 
-def step_deployments(names: tuple[str, ...] = STEP_NAMES) -> list:
+def step_deployments(names: tuple[str, ...] = STEP_NAMES, **options: Any) -> list:
     """One deployment per step, for `prefect.serve` (process) or a work pool."""
-    return [step_flow.to_deployment(name=name, tags=["tailwise-step"]) for name in names]
+    return [step_flow.to_deployment(name=name, **{"tags": ["tailwise-step"], **options})
+            for name in names]
 
 
 if __name__ == "__main__":

@@ -117,3 +117,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with start_prefect(home, ui=False) as svc:
         _report("prefect", svc.startup_s)
         yield svc.url
+
+
+@pytest.fixture
+def prefect_api(prefect_server: str) -> Iterator[str]:
+    """Flows run in this process report to the test Prefect server, not an ephemeral one."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        yield prefect_server

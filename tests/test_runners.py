@@ -9,7 +9,6 @@ import time
 
 import pytest
 from prefect import flow
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.common import RunSettings, flow_run_context
 from steps.core.registry import STEP_NAMES
@@ -25,16 +24,9 @@ def chain(settings: RunSettings) -> dict:
 
 
 @pytest.fixture
-def on_server(prefect_server):
-    """Flows in this process talk to the test's Prefect server (settings are read at import)."""
-    with temporary_settings({PREFECT_API_URL: prefect_server}):
-        yield prefect_server
-
-
-@pytest.fixture
-def step_worker(on_server):
+def step_worker(prefect_api):
     """A process serving the step deployments on the test's Prefect server."""
-    prefect_server = on_server
+    prefect_server = prefect_api
     worker = subprocess.Popen([sys.executable, "-m", "flows.step_flow"],
                               env=os.environ | {"PREFECT_API_URL": prefect_server})
     wait_for_deployments(prefect_server, [f"step/{name}" for name in STEP_NAMES], worker)
@@ -67,7 +59,7 @@ def test_every_runner_gives_the_same_digests(tmp_path, step_worker):
     assert not inline["cached"]
 
 
-def test_rerun_is_cached_and_no_cache_recomputes(tmp_path, on_server):
+def test_rerun_is_cached_and_no_cache_recomputes(tmp_path, prefect_api):
     first = chain(settings(tmp_path, "process"))
     again = chain(settings(tmp_path, "process"))
     assert again == first | {"cached": True}

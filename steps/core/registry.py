@@ -7,7 +7,7 @@ import importlib
 from steps.core.errors import ParamsError
 from steps.core.step import Step
 
-STEP_NAMES = ("build_model", "spectral", "allocate")
+STEP_NAMES = ("build_model", "spectral", "allocate", "drift")
 
 
 def load_step(name: str) -> Step:

@@ -250,6 +250,21 @@ class ArtifactStore:
         root = getattr(self.backend, "root", None)
         return None if root is None else root / object_key(digest)
 
+    # -- named refs --------------------------------------------------------------
+
+    def set_ref(self, name: str, digest: str) -> None:
+        """Point a mutable name (e.g. `audit/nightly`) at an artifact, like a git branch."""
+        entry = {"digest": self.resolve(digest), "updated_at": now()}
+        self.backend.put_bytes(f"refs/{check_key(name)}.json", json.dumps(entry).encode())
+
+    def get_ref(self, name: str) -> str | None:
+        """The digest a ref points at, if the ref and its artifact exist."""
+        key = f"refs/{check_key(name)}.json"
+        if not self.backend.exists(key):
+            return None
+        digest = json.loads(self.backend.get_bytes(key))["digest"]
+        return digest if self.backend.exists(manifest_key(digest)) else None
+
     # -- step cache ------------------------------------------------------------
 
     def cache_put(self, cache_key: str, entry: dict[str, Any]) -> None:

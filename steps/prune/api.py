@@ -165,7 +165,8 @@ def prune(
     (name, target, achieved, params).
 
     Wanda and SparseGPT run `nsamples` sequences of `seqlen` tokens from calibration_text
-    (seqlen shrinks to the model's context, with a warning); magnitude needs none.
+    (seqlen shrinks to the model's context, with a warning), one block at a time on `device`
+    ("auto", "cpu", "cuda"); the model stays where it was. Magnitude needs no calibration.
     """
     if method not in METHODS:
         raise PruneError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")

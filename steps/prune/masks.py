@@ -1,6 +1,6 @@
 """Which weights to prune, from importance scores: True in a mask means "set to zero".
 
-Lower score = less important. Ties break by position (stable sort), so masks are deterministic.
+Lower score = less important. Ties break by position, so masks are deterministic.
 """
 
 from __future__ import annotations
@@ -34,19 +34,27 @@ def pruned_count(total: int, sparsity: float) -> int:
     return round(total * sparsity)
 
 
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k lowest scores along the last dimension; among equal scores the first
+    positions go first (as a stable sort). Uses a selection, not a full sort."""
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = scores.kthvalue(k, dim=-1, keepdim=True).values
+    below = scores < kth
+    ties = scores == kth
+    still_needed = k - below.sum(dim=-1, keepdim=True)
+    return below | (ties & (ties.cumsum(dim=-1) <= still_needed))
+
+
 def lowest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the same number of lowest scores in every row (Wanda's per-output comparison)."""
-    k = pruned_count(scores.shape[1], sparsity)
-    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+    return lowest_k(scores, pruned_count(scores.shape[1], sparsity))
 
 
 def lowest_overall(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the lowest scores of the whole matrix (magnitude pruning's per-layer threshold)."""
-    k = pruned_count(scores.numel(), sparsity)
-    order = torch.sort(scores.flatten(), stable=True).indices[:k]
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    return mask.scatter_(0, order, True).view_as(scores)
+    flat = scores.reshape(1, -1)
+    return lowest_k(flat, pruned_count(flat.shape[1], sparsity)).view_as(scores)
 
 
 def lowest_per_group(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -56,10 +64,7 @@ def lowest_per_group(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise PatternError(
             f"{n}:{m} sparsity needs the input width ({cols}) to be a multiple of {m}"
         )
-    groups = scores.reshape(rows, cols // m, m)
-    order = torch.sort(groups, dim=2, stable=True).indices[:, :, : m - n]
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, order, True)
-    return mask.reshape(rows, cols)
+    return lowest_k(scores.reshape(rows, cols // m, m), m - n).reshape(rows, cols)
 
 
 def select(scores: torch.Tensor, pattern: Pattern, *, per_row: bool) -> torch.Tensor:

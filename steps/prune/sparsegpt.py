@@ -87,7 +87,7 @@ def prune_layer(
             column = block[:, i]
             kept = column.masked_fill(mask[:, i], 0)
             error = (column - kept) / hinv_block[i, i]
-            block[:, i:] -= error.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
+            block[:, i:].addr_(error, hinv_block[i, i:], alpha=-1)  # rank-1 update
             block[:, i] = kept
             errors[:, i] = error
         weights[:, start:end] = block

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -50,8 +49,27 @@ def wait_for_final_state(api_url: str, flow_run_id: str) -> dict:
             time.sleep(1)  # poll interval, not a synchronisation
 
 
-def trigger_custom_run(page, ui_url: str, seed: int) -> str:
+def deployment_runs(api_url: str, name: str) -> set[str]:
+    with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as client:
+        deployment = client.get(f"/deployments/name/{name}").raise_for_status().json()
+        runs = client.post("/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [deployment["id"]]}}}).raise_for_status().json()
+    return {run["id"] for run in runs}
+
+
+def wait_for_new_run(api_url: str, name: str, before: set[str]) -> str:
+    """Poll the API until the deployment has a run that was not there `before`."""
+    deadline = time.monotonic() + 120
+    while not (new := deployment_runs(api_url, name) - before):
+        assert time.monotonic() < deadline, f"no new run of {name} appeared"
+        time.sleep(1)  # poll interval, not a synchronisation
+    assert len(new) == 1, new
+    return new.pop()
+
+
+def trigger_custom_run(page, ui_url: str, api_url: str, seed: int) -> str:
     """Find the `demo` deployment, fill the custom-run form with `seed`; return the run id."""
+    before = deployment_runs(api_url, "demo/demo")
     page.goto(f"{ui_url}/deployments")
     page.locator("a[href^='/deployments/deployment/']", has_text="demo").first.click()
     page.wait_for_url("**/deployments/deployment/*")
@@ -63,11 +81,9 @@ def trigger_custom_run(page, ui_url: str, seed: int) -> str:
     seed_input = seed_field.locator("input[type=number]")
     seed_input.fill(str(seed))
     page.get_by_role("button", name="Submit", exact=True).click()
-    # The UI goes back to the deployment and links the new run (toast and Runs tab).
-    link = page.locator("a[href*='/runs/flow-run/']").first
-    href = link.get_attribute("href")
-    page.goto(f"{ui_url}{href}")
-    return re.search(r"/runs/flow-run/([0-9a-f-]{36})", href).group(1)
+    flow_run_id = wait_for_new_run(api_url, "demo/demo", before)
+    page.goto(f"{ui_url}/runs/flow-run/{flow_run_id}")
+    return flow_run_id
 
 
 def save_screenshot(page, path: Path) -> None:
@@ -86,7 +102,8 @@ def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, t
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(60_000)
-            flow_run_id = trigger_custom_run(page, stack.prefect_ui_url, seed=1)
+            flow_run_id = trigger_custom_run(page, stack.prefect_ui_url, stack.prefect_api_url,
+                                             seed=1)
             run = wait_for_final_state(stack.prefect_api_url, flow_run_id)
             page.reload(wait_until="networkidle")
             expect(page.get_by_text("Completed").first).to_be_visible(timeout=30_000)

@@ -1,0 +1,47 @@
+"""Audit a list of models (e.g. every checkpoint of a training run) and flag moving layers.
+
+Each model's spectrum is measured; consecutive models are compared layer by layer,
+and the first is compared with the last model of the previous audit of the same
+name (a store ref `audit/<name>`), so a nightly schedule reports what moved since
+last night.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
+
+from flows.common import RunSettings, flow_run_context
+
+
+class AuditParams(BaseModel):
+    models: list[str] = Field(..., min_length=1, description="Model dirs, safetensors files "
+                              "or artifact digests, oldest first.")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="Audit name: the next audit of this name compares with it.")
+    estimator: str = Field("ks", description="Power-law fit: ks, alpha_peak, hill.")
+    threshold: float = Field(0.5, gt=0, description="Flag layers whose alpha moved more.")
+
+
+@flow(name="spectral_audit", log_prints=True)
+def spectral_audit(params: AuditParams, settings: RunSettings = RunSettings()) -> dict:
+    """spectral per model -> drift between consecutive ones; returns the drift digests."""
+    with flow_run_context("spectral_audit", settings, params.model_dump()) as run:
+        ref = f"audit/{params.name}"
+        previous = run.store.get_ref(ref)
+        metrics = []
+        for index, model in enumerate(params.models):
+            result = run.step("spectral", {"estimator": params.estimator, "plots": False},
+                              {"model": run.source(model, "model")}, label=f"spectral-{index}")
+            metrics.append(result.digests()["metrics"])
+        pairs = ([previous] if previous else []) + metrics
+        drifts = [run.step("drift", {"threshold": params.threshold},
+                           {"previous": before, "current": after}, label=f"drift-{index}")
+                  .digests()["drift"]
+                  for index, (before, after) in enumerate(pairwise(pairs))]
+        run.store.set_ref(ref, metrics[-1])
+        get_run_logger().info("audit %s: %d models, %d comparisons (previous audit: %s)",
+                              params.name, len(metrics), len(drifts), previous or "none")
+    return {"metrics": metrics, "drifts": drifts, "previous": previous}

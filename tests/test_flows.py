@@ -1,0 +1,45 @@
+"""Flows on the embedded default: the spectral audit flags exactly the layers that moved."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flows.common import RunSettings
+from flows.spectral_audit import AuditParams, spectral_audit
+from steps.core.factory import build_model, save_hf
+from steps.core.store import open_store
+
+CHANGED = "transformer.h.1.mlp.c_fc"
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """Two checkpoints of a 'training run': the second has one layer made heavy-tailed."""
+    model = build_model("tiny-gpt2", seed=0)
+    first = save_hf(model, None, tmp_path / "ckpt-0")
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(1)
+        weight = model.get_submodule(CHANGED).weight
+        weight.copy_(torch.distributions.StudentT(1.5).sample(weight.shape) * 0.02)
+    second = save_hf(model, None, tmp_path / "ckpt-1")
+    return str(first), str(second)
+
+
+def test_audit_flags_moved_layers_and_compares_with_the_previous_audit(tmp_path, checkpoints,
+                                                                       prefect_api):
+    settings = RunSettings(store=str(tmp_path / "store"), tracking=False)
+    params = AuditParams(models=list(checkpoints), name="run-1", threshold=0.5)
+    first = spectral_audit(params, settings)
+    assert first["previous"] is None and len(first["drifts"]) == 1
+    store = open_store(settings.store)
+    drift = pq.read_table(store.get(first["drifts"][0], tmp_path / "drift.parquet"))
+    flagged = [n for n, f in zip(drift["name"].to_pylist(), drift["flagged"].to_pylist(),
+                                 strict=True) if f]
+    assert flagged == [CHANGED]
+
+    again = spectral_audit(params.model_copy(update={"models": [checkpoints[1]]}), settings)
+    assert again["previous"] == first["metrics"][-1] and len(again["drifts"]) == 1
+    same = pq.read_table(store.get(again["drifts"][0], tmp_path / "again.parquet"))
+    assert not any(same["flagged"].to_pylist()) and same.num_rows == drift.num_rows
