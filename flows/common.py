@@ -13,6 +13,7 @@ imports torch. A flow is a few lines:
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class FlowRun:
     parent_run_id: str | None
     flow_run_id: str | None
     settings: RunSettings
+    scratch: Path
     results: dict[str, StepResult] = field(default_factory=dict)
 
     def step(self, name: str, params: Mapping[str, Any] | None = None,
@@ -122,5 +124,6 @@ def flow_run_context(name: str, settings: RunSettings,
     store = open_store(settings.store)
     tracker = open_tracker(settings.tracking_uri, settings.tracking)
     run_id = flow_run.get_id()
-    with tracker.flow_run(name, params, run_id) as parent:
-        yield FlowRun(name, store, tracker, parent.run_id, run_id, settings)
+    with tracker.flow_run(name, params, run_id) as parent, \
+            tempfile.TemporaryDirectory(prefix=f"tailwise-{name}-") as scratch:
+        yield FlowRun(name, store, tracker, parent.run_id, run_id, settings, Path(scratch))

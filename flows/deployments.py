@@ -12,6 +12,7 @@ from typing import Any
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron
 
+from flows.alpha_prune import alpha_prune
 from flows.demo import demo
 from flows.spectral_audit import AuditParams, spectral_audit
 from flows.step_flow import step_deployments
@@ -23,6 +24,9 @@ def deployments() -> list[RunnerDeployment]:
     return [
         demo.to_deployment(name="demo", description="build_model -> spectral on a tiny model.",
                            **common),
+        alpha_prune.to_deployment(
+            name="alpha_prune", description="spectral -> allocate -> prune -> evaluate, "
+            "AlphaPruning beside the uniform baseline.", **common),
         spectral_audit.to_deployment(
             name="nightly", schedule=Cron("0 3 * * *", timezone="UTC"),
             description="Nightly spectral audit; set `models` to your checkpoints.",

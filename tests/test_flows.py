@@ -43,3 +43,26 @@ def test_audit_flags_moved_layers_and_compares_with_the_previous_audit(tmp_path,
     assert again["previous"] == first["metrics"][-1] and len(again["drifts"]) == 1
     same = pq.read_table(store.get(again["drifts"][0], tmp_path / "again.parquet"))
     assert not any(same["flagged"].to_pylist()) and same.num_rows == drift.num_rows
+
+
+def test_alpha_prune_runs_both_allocations_and_reruns_cached(tmp_path, prefect_api):
+    from flows.alpha_prune import AlphaPruneParams, alpha_prune
+    from steps.core.lineage import upstream
+
+    settings = RunSettings(store=str(tmp_path / "store"), tracking=False)
+    params = AlphaPruneParams(model="tiny-llama", sparsity=0.5, nsamples=2, seqlen=64,
+                              text_chars=20_000, eval_windows=2)
+    rows = alpha_prune(params, settings)
+    by_name = {row["allocation"]: row for row in rows}
+    assert set(by_name) == {"dense", "uniform", "alphapruning"}
+    assert by_name["dense"]["sparsity"] < 0.01
+    for name in ("uniform", "alphapruning"):
+        assert 0.3 < by_name[name]["sparsity"] < 0.6
+        assert by_name[name]["perplexity"] > 0
+    graph = upstream(open_store(settings.store), by_name["alphapruning"]["evaluation"])
+    made = {m.step: m for m in graph.steps.values()}
+    assert {"build_model", "build_text", "spectral", "allocate", "prune", "evaluate"} <= set(made)
+    assert made["allocate"].params["policy"] == "alphapruning"
+
+    again = alpha_prune(params, settings)
+    assert again == rows

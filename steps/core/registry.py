@@ -7,7 +7,8 @@ import importlib
 from steps.core.errors import ParamsError
 from steps.core.step import Step
 
-STEP_NAMES = ("build_model", "spectral", "allocate", "drift")
+STEP_NAMES = ("build_model", "build_text", "spectral", "allocate", "prune", "evaluate",
+              "drift")
 
 
 def load_step(name: str) -> Step:

@@ -62,6 +62,7 @@ class Step:
     params: type[BaseModel]
     inputs: tuple[str, ...]
     fn: StepFn
+    optional_inputs: tuple[str, ...] = ()
 
     def validate(self, params: BaseModel | Mapping[str, Any] | None) -> BaseModel:
         if isinstance(params, self.params):
@@ -138,10 +139,11 @@ def run_step(step: Step, params: BaseModel | Mapping[str, Any] | None,
     """Run `step` on input artifact refs, or reuse its cached outputs."""
     params = step.validate(params)
     missing = set(step.inputs) - set(inputs)
-    unknown = set(inputs) - set(step.inputs)
+    unknown = set(inputs) - set(step.inputs) - set(step.optional_inputs)
     if missing or unknown:
-        raise ParamsError(f"step {step.name} takes inputs {list(step.inputs)}; "
-                          f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+        raise ParamsError(f"step {step.name} takes inputs {list(step.inputs)} (optional "
+                          f"{list(step.optional_inputs)}); missing {sorted(missing)}, "
+                          f"unknown {sorted(unknown)}")
     input_digests = {name: store.resolve(ref) for name, ref in inputs.items()}
     if use_cache and (hit := cached_result(store, step, params, input_digests)):
         return hit

@@ -18,7 +18,7 @@ from torch import nn
 
 from steps.core.blocks import LayerStats, set_weight_matrix, weight_matrix
 from steps.core.errors import TailwiseError
-from steps.prune.masks import Pattern, lowest_overall, lowest_per_group, pruned_count
+from steps.prune.masks import Pattern, lowest_k, lowest_per_group, pruned_count
 
 DAMPING = 0.01
 BLOCK_SIZE = 128
@@ -49,7 +49,7 @@ def _block_mask(
     as keep the running pruned count at the target for the `done` columns so far."""
     scores = weights.square() / hinv_diag.square().unsqueeze(0)
     k = pruned_count(weights.shape[0] * done, pattern.sparsity) - already
-    return lowest_overall(scores, k / scores.numel())
+    return lowest_k(scores.reshape(1, -1), k).view_as(scores)
 
 
 @torch.no_grad()
@@ -68,6 +68,7 @@ def prune_layer(
     hinv = _upper_cholesky_of_inverse(hessian, layer_name)
 
     columns = weights.shape[1]
+    group = pattern.nm[1] if pattern.nm is not None else 0
     pruned_so_far = 0
     for start in range(0, columns, BLOCK_SIZE):
         end = min(start + BLOCK_SIZE, columns)
@@ -78,12 +79,12 @@ def prune_layer(
             mask = _block_mask(block, hinv_block.diagonal(), pattern, pruned_so_far, end)
         else:
             mask = torch.zeros_like(block, dtype=torch.bool)
-        m = pattern.nm[1] if pattern.nm else 0
         for i in range(end - start):
-            if pattern.nm is not None and i % m == 0:
+            if group and i % group == 0:
                 # N:M groups are chosen when the walk reaches them, on the updated weights.
-                scores = block[:, i : i + m].square() / hinv_block.diagonal()[i : i + m].square()
-                mask[:, i : i + m] = lowest_per_group(scores, *pattern.nm)
+                in_group = slice(i, i + group)
+                scores = block[:, in_group].square() / hinv_block.diagonal()[in_group].square()
+                mask[:, in_group] = lowest_per_group(scores, *pattern.nm)
             column = block[:, i]
             kept = column.masked_fill(mask[:, i], 0)
             error = (column - kept) / hinv_block[i, i]

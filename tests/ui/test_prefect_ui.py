@@ -1,4 +1,4 @@
-"""Trigger the `demo` deployment from the Prefect UI in headless Chromium, then audit the run.
+"""Trigger `alpha_prune` from the Prefect UI in headless Chromium, then audit the run.
 
 The stack (nanio S3, MLflow, Prefect server + UI, process worker) comes from
 `infra/local/stack.py up` in a temp dir (fixture `stack` in conftest.py). The browser is
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -67,21 +68,29 @@ def wait_for_new_run(api_url: str, name: str, before: set[str]) -> str:
     return new.pop()
 
 
-def trigger_custom_run(page, ui_url: str, api_url: str, seed: int) -> str:
-    """Find the `demo` deployment, fill the custom-run form with `seed`; return the run id."""
-    before = deployment_runs(api_url, "demo/demo")
+DEPLOYMENT = "alpha_prune/alpha_prune"
+STEPS = {"build_model", "build_text", "spectral", "allocate", "prune", "evaluate"}
+
+
+def trigger_custom_run(page, ui_url: str, api_url: str, sparsity: float) -> str:
+    """Find the `alpha_prune` deployment, set `sparsity` in the custom-run form; return the
+    new run's id."""
+    before = deployment_runs(api_url, DEPLOYMENT)
     page.goto(f"{ui_url}/deployments")
-    page.locator("a[href^='/deployments/deployment/']", has_text="demo").first.click()
+    page.locator("a[href^='/deployments/deployment/']", has_text="alpha_prune").first.click()
     page.wait_for_url("**/deployments/deployment/*")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run").click()
     page.wait_for_url("**/deployments/deployment/*/run**")
-    seed_field = page.locator(".schema-form-property").filter(
-        has=page.get_by_text("Seed (Optional)", exact=True)).last
-    seed_input = seed_field.locator("input[type=number]")
-    seed_input.fill(str(seed))
+    field = page.locator(".schema-form-property").filter(
+        has=page.get_by_text("Sparsity (Optional)", exact=True)).last
+    field.locator("input[type=number]").fill(str(sparsity))
+    field.locator("input[type=number]").press("Tab")  # commit the value before submitting
+    page.wait_for_load_state("networkidle")
     page.get_by_role("button", name="Submit", exact=True).click()
-    flow_run_id = wait_for_new_run(api_url, "demo/demo", before)
+    # A submitted form leaves the run page; one that was not accepted stays on it.
+    page.wait_for_url(lambda url: not urlparse(url).path.rstrip("/").endswith("/run"))
+    flow_run_id = wait_for_new_run(api_url, DEPLOYMENT, before)
     page.goto(f"{ui_url}/runs/flow-run/{flow_run_id}")
     return flow_run_id
 
@@ -102,8 +111,12 @@ def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, t
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(60_000)
-            flow_run_id = trigger_custom_run(page, stack.prefect_ui_url, stack.prefect_api_url,
-                                             seed=1)
+            try:
+                flow_run_id = trigger_custom_run(page, stack.prefect_ui_url,
+                                                 stack.prefect_api_url, sparsity=0.6)
+            except Exception:
+                save_screenshot(page, tmp_path / "prefect-ui-failed-trigger.png")
+                raise
             run = wait_for_final_state(stack.prefect_api_url, flow_run_id)
             page.reload(wait_until="networkidle")
             expect(page.get_by_text("Completed").first).to_be_visible(timeout=30_000)
@@ -111,7 +124,7 @@ def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, t
         finally:
             browser.close()
     assert run["state"]["type"] == "COMPLETED", run["state"]
-    assert run["parameters"]["params"]["seed"] == 1
+    assert run["parameters"]["params"]["sparsity"] == 0.6
 
     # The artifacts: manifests in the stack's bucket, made by this flow run.
     env = stack.client_env()
@@ -121,9 +134,9 @@ def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, t
             .get("Contents", [])]
     manifests = [json.loads(s3.get_object(Bucket="tailwise", Key=k)["Body"].read()) for k in keys]
     ours = [m for m in manifests if (m.get("produced_by") or {}).get("flow_run_id") == flow_run_id]
-    assert {m["produced_by"]["step"] for m in ours} == {"build_model", "spectral"}
-    metrics = next(m for m in ours if m["produced_by"]["step"] == "spectral"
-                   and m["kind"] == "spectral-metrics")
+    assert {m["produced_by"]["step"] for m in ours} == STEPS
+    evaluation = next(m for m in ours if m["produced_by"]["step"] == "evaluate"
+                      and m["produced_by"]["params"]["name"] == "alphapruning")
 
     # The MLflow runs: a parent for the flow run, a child per step.
     from mlflow.tracking import MlflowClient
@@ -134,22 +147,23 @@ def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, t
         [experiment], f"tags.`tailwise.flow_run_id` = '{flow_run_id}'")
     children = mlflow.search_runs(
         [experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert {c.info.run_name for c in children} == {"build_model", "spectral"}
+    assert {c.info.run_name for c in children} == STEPS
     assert all(c.info.status == "FINISHED" for c in [parent, *children])
-    build = next(c for c in children if c.info.run_name == "build_model")
-    assert build.data.params["seed"] == "1"
+    assert {c.data.params.get("options.sparsity") for c in children
+            if c.info.run_name == "allocate"} == {"0.6"}
 
     # The lineage, from the S3 store, shows both steps and the changed parameter.
     lineage = subprocess.run(
-        [sys.executable, "-m", "steps.cli", "lineage", metrics["digest"], "--format", "json"],
+        [sys.executable, "-m", "steps.cli", "lineage", evaluation["digest"], "--format", "json"],
         env=os.environ | env, capture_output=True, text=True, timeout=120)
     assert lineage.returncode == 0, lineage.stderr
     steps = {s["step"]: s for s in json.loads(lineage.stdout)["steps"]}
-    assert set(steps) == {"build_model", "spectral"}
-    assert steps["build_model"]["params"]["seed"] == 1
-    assert steps["spectral"]["flow_run_id"] == flow_run_id
+    assert set(steps) == STEPS
+    assert steps["allocate"]["params"]["options"] == {"sparsity": 0.6, "epsilon": 0.3}
+    assert steps["prune"]["flow_run_id"] == flow_run_id
     model_digest = next(m["digest"] for m in ours if m["produced_by"]["step"] == "build_model")
     assert steps["spectral"]["inputs"] == {"model": model_digest}
+    assert steps["prune"]["inputs"]["model"] == model_digest
 
 
 def test_second_up_is_harmless(stack, stack_env):
