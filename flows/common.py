@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
@@ -99,8 +100,18 @@ def step_task(run: FlowRun, name: str, params: dict, inputs: dict) -> StepResult
     result = use_cache and cached_result(run.store, step, valid, digests)
     if not result:
         result = RUNNERS[run.settings.runner](run.dispatch(), step, valid, digests)
+        announce_assets(name, result, digests, run.store)
     report(name, result, run.store)
     return result
+
+
+def announce_assets(name: str, result: StepResult, inputs: dict[str, str],
+                    store: ArtifactStore) -> None:
+    """Prefect asset materialisation events, so lineage also shows in Prefect's event feed."""
+    outputs = [store.uri(digest) for digest in result.digests().values()]
+    deps = [store.uri(digest) for digest in inputs.values()]
+    materialize(*outputs, asset_deps=deps, by="tailwise", name=f"{name}-assets",
+                cache_policy=NO_CACHE)(lambda: None)()
 
 
 def report(name: str, result: StepResult, store: ArtifactStore) -> None:

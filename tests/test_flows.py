@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -66,3 +68,29 @@ def test_alpha_prune_runs_both_allocations_and_reruns_cached(tmp_path, prefect_a
 
     again = alpha_prune(params, settings)
     assert again == rows
+
+
+def test_computed_steps_emit_asset_materialisation_events(tmp_path, prefect_api):
+    import httpx
+
+    from flows.demo import DemoParams, demo
+    from steps.core.store import manifest_key
+
+    settings = RunSettings(store=str(tmp_path / "store"), tracking=False)
+    results = demo(DemoParams(model="mlp"), settings)
+    store = open_store(settings.store)
+    metrics = store.uri(results["spectral"].digests()["metrics"])
+    model = store.uri(results["build_model"].digests()["model"])
+    assert metrics.endswith(manifest_key(results["spectral"].digests()["metrics"]))
+    with httpx.Client(base_url=prefect_api, trust_env=False, timeout=10) as client:
+        deadline = time.monotonic() + 60
+        while True:  # events reach the server asynchronously
+            events = client.post("/events/filter", json={"filter": {
+                "event": {"prefix": ["prefect.asset.materialization"]},
+                "any_resource": {"id": [metrics]}}}).raise_for_status().json()["events"]
+            if events or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)  # poll interval, not a synchronisation
+    assert events, f"no materialisation event for {metrics}"
+    related = {r["prefect.resource.id"] for e in events for r in e["related"]}
+    assert model in related
