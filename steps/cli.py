@@ -150,18 +150,22 @@ def run_and_report(step_name: str, params: dict, inputs: dict[str, str], store: 
     return the_store, result
 
 
-def model_ref(the_store, model: str) -> str:
-    """A model given as a path is checked and stored first (a source artifact); else a ref."""
-    path = Path(model)
-    if path.exists():
-        from steps.core.weights import open_weights
+REF_PATTERN = re.compile(r"(sha256:)?[0-9a-f]{4,64}|\w+://.+")
 
-        open_weights(path).infos()  # reads headers only: refuses a corrupt file before storing
-        return the_store.put(path, "model").digest
-    if re.fullmatch(r"(sha256:)?[0-9a-f]{4,64}|\w+://.+", model):
-        return the_store.resolve(model)
-    raise TailwiseError(f"model {model}: no such file or directory "
-                        "(give an HF model dir, a .safetensors file or an artifact digest)")
+
+def input_ref(the_store, ref: str, kind: str) -> str:
+    """An input given as a path is stored first (a source artifact); else an artifact ref."""
+    path = Path(ref)
+    if path.exists():
+        if kind == "model":
+            from steps.core.weights import open_weights
+
+            open_weights(path).infos()  # reads headers only: refuses a corrupt file early
+        return the_store.put(path, kind).digest
+    if REF_PATTERN.fullmatch(ref):
+        return the_store.resolve(ref)
+    raise TailwiseError(f"{kind} {ref}: no such file or directory (give a path or an "
+                        "artifact digest)")
 
 
 @app.command()
@@ -188,7 +192,7 @@ def spectral(
     the_store = open_store(store)
     params = {"estimator": estimator, "device": device, "include": include,
               "exclude": exclude, "conv_slices": conv_slices}
-    _, result = run_and_report("spectral", params, {"model": model_ref(the_store, model)},
+    _, result = run_and_report("spectral", params, {"model": input_ref(the_store, model, "model")},
                                store, use_cache=not no_cache, progress=True)
     metrics_path = the_store.get(result.outputs["metrics"].digest,
                                  output or Path(tempfile.mkdtemp()) / "metrics.parquet")
@@ -222,16 +226,6 @@ def print_spectral_summary(metrics_path: Path) -> None:
                   f"(alpha > 6)")
 
 
-def table_ref(the_store, table: str, kind: str) -> str:
-    """A table given as a path is stored first (a source artifact); else a ref."""
-    if Path(table).is_file():
-        return the_store.put(Path(table), kind).digest
-    if re.fullmatch(r"(sha256:)?[0-9a-f]{4,64}|\w+://.+", table):
-        return the_store.resolve(table)
-    raise TailwiseError(f"{kind} table {table}: no such file (give a .parquet/.csv file or an "
-                        "artifact digest)")
-
-
 @app.command()
 def allocate(
     metrics: Annotated[str, typer.Argument(
@@ -263,7 +257,7 @@ def allocate(
     the_store = open_store(store)
     params = {"policy": policy, "options": options}
     _, result = run_and_report("allocate", params,
-                               {"metrics": table_ref(the_store, metrics, "metrics")}, store)
+                               {"metrics": input_ref(the_store, metrics, "metrics")}, store)
     decisions = the_store.get(result.outputs["decisions"].digest,
                               output or Path(tempfile.mkdtemp()) / "decisions.parquet")
     print_decisions(decisions)
@@ -280,6 +274,66 @@ def print_decisions(path: Path) -> None:
         table.add_row(row["name"], str(row.get("block")),
                       f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Argument(help="HF causal LM directory or artifact digest.")],
+    method: Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt.")] = "wanda",
+    sparsity: Annotated[float | None, typer.Option(
+        help="One global sparsity (or give --allocation).")] = None,
+    allocation: Annotated[str | None, typer.Option(
+        help="Per-layer sparsity: a decisions table from `tailwise allocate` or a digest.")
+    ] = None,
+    nm: Annotated[str | None, typer.Option(help="N:M structured sparsity, e.g. 2:4.")] = None,
+    calibration: Annotated[str | None, typer.Option(
+        help="Calibration text file or digest (Wanda, SparseGPT).")] = None,
+    nsamples: Annotated[int, typer.Option(help="Calibration sequences.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 2048,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    output: Annotated[Path | None, typer.Option(help="Write the pruned model here.")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Prune a causal LM's decoder blocks (magnitude, Wanda, SparseGPT), globally or per layer."""
+    the_store = open_store(store)
+    inputs = {"model": input_ref(the_store, model, "model")}
+    if allocation:
+        inputs["allocation"] = input_ref(the_store, allocation, "decisions")
+    if calibration:
+        inputs["calibration"] = input_ref(the_store, calibration, "text")
+    params = {"method": method, "sparsity": sparsity, "nm": nm, "nsamples": nsamples,
+              "seqlen": seqlen, "device": device}
+    _, result = run_and_report("prune", params, inputs, store)
+    if output:
+        print(the_store.get(result.outputs["model"].digest, output))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model directory or artifact digest.")],
+    perplexity: Annotated[str | None, typer.Option(
+        help="Text file or digest: perplexity over non-overlapping windows.")] = None,
+    seqlen: Annotated[int | None, typer.Option(
+        help="Window length [default: the model's context].")] = None,
+    max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first windows.")
+                           ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    store: StoreOption = None,
+) -> None:
+    """Perplexity, sparsity, parameter count and size on disk of a model."""
+    import pyarrow.parquet as pq
+
+    the_store = open_store(store)
+    inputs = {"model": input_ref(the_store, model, "model")}
+    if perplexity:
+        inputs["text"] = input_ref(the_store, perplexity, "text")
+    params = {"seqlen": seqlen, "max_windows": max_windows, "device": device,
+              "name": Path(model).name}
+    _, result = run_and_report("evaluate", params, inputs, store)
+    path = the_store.get(result.outputs["evaluation"].digest,
+                         Path(tempfile.mkdtemp()) / "evaluation.parquet")
+    for key, value in pq.read_table(path).to_pylist()[0].items():
+        console.print(f"{key:>16}: {value}")
 
 
 @app.command()

@@ -1,0 +1,81 @@
+"""`tailwise allocate | prune | evaluate` from the command line, and their bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from steps.core.factory import build_model, byte_tokenizer, save_hf
+
+
+def tailwise(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "steps.cli", *args], capture_output=True,
+                          text=True, timeout=600, env=os.environ | env)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-prune")
+    model = save_hf(build_model("tiny-llama", seed=0), byte_tokenizer(), root / "llama")
+    text = root / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 300)
+    env = {"TAILWISE_STORE": str(root / "store"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    return root, model, text, env
+
+
+def test_spectral_allocate_prune_evaluate(setup):
+    root, model, text, env = setup
+    done = tailwise("spectral", str(model), "--estimator", "alpha_peak", "--output",
+                    str(root / "metrics.parquet"), env=env)
+    assert done.returncode == 0, done.stderr
+    done = tailwise("allocate", str(root / "metrics.parquet"), "--policy", "alphapruning",
+                    "--sparsity", "0.5", "--epsilon", "0.2", "--output",
+                    str(root / "decisions.parquet"), env=env)
+    assert done.returncode == 0, done.stderr
+    decisions = pq.read_table(root / "decisions.parquet")
+    assert {"name", "sparsity"} <= set(decisions.column_names)
+    done = tailwise("prune", str(model), "--method", "wanda", "--allocation",
+                    str(root / "decisions.parquet"), "--calibration", str(text), "--nsamples",
+                    "2", "--seqlen", "64", "--output", str(root / "pruned"), env=env)
+    assert done.returncode == 0, done.stderr
+    report = pq.read_table(root / "pruned" / "sparsity_report.parquet")
+    targets = dict(zip(decisions["name"].to_pylist(), decisions["sparsity"].to_pylist(),
+                       strict=True))
+    for name, achieved in zip(report["name"].to_pylist(), report["achieved"].to_pylist(),
+                              strict=True):
+        assert abs(achieved - targets[name]) < 0.01, name
+    done = tailwise("evaluate", str(root / "pruned"), "--perplexity", str(text), "--seqlen",
+                    "64", "--max-windows", "4", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "perplexity" in done.stdout and "sparsity" in done.stdout
+
+
+def assert_clean_failure(done: subprocess.CompletedProcess, phrase: str) -> None:
+    assert done.returncode == 2, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and phrase in last, done.stderr
+
+
+def test_prune_bad_input(setup):
+    root, model, text, env = setup
+    assert_clean_failure(tailwise("prune", str(model), "--sparsity", "1.2", env=env),
+                         "invalid parameter sparsity")
+    assert_clean_failure(tailwise("prune", str(model), "--method", "magnitude", "--nm", "4:2",
+                                  env=env), "4:2")
+    alien = root / "alien.parquet"
+    pq.write_table(pa.table({"name": ["model.layers.0.nope"], "sparsity": [0.5]}), alien)
+    assert_clean_failure(tailwise("prune", str(model), "--method", "magnitude", "--allocation",
+                                  str(alien), env=env), "model.layers.0.nope")
+    short = root / "short.txt"
+    short.write_text("too short")
+    assert_clean_failure(tailwise("prune", str(model), "--sparsity", "0.5", "--calibration",
+                                  str(short), "--seqlen", "64", "--nsamples", "2", env=env),
+                         "fewer than one sequence")
+    before = {p.name for p in (root / "store" / "manifests").iterdir()}
+    assert not any(m.startswith(".partial") for m in before)
