@@ -42,6 +42,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/flows.py
 
 up: install
 	$(BIN)/python infra/local/stack.py up
