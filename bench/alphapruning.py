@@ -158,13 +158,13 @@ def allocation_for(policy: str, sparsity: float, alphas, outliers):
 
 
 def print_table(results: dict, dense: float, sparsities: list[float]) -> None:
-    header = f"{'method':<10} {'allocation':<13}" + "".join(f"{s:>10.0%}" for s in sparsities)
+    header = f"{'method':<10} {'allocation':<13}" + "".join(f"{s:>12.0%}" for s in sparsities)
     print(f"\nperplexity on held-out KJV text (dense: {dense:.2f})")
     print(header)
     print("-" * len(header))
     for method in METHODS:
         for policy in ALLOCATIONS:
-            cells = "".join(f"{results[method, policy, s]:>10.2f}" for s in sparsities)
+            cells = "".join(f"{results[method, policy, s]:>12.2f}" for s in sparsities)
             print(f"{method:<10} {policy:<13}{cells}")
 
 

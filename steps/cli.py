@@ -241,6 +241,10 @@ def allocate(
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-o", help="Any other policy option as KEY=VALUE (repeatable), e.g. "
         "-o total=160 -o beta=2.5.")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="owl: the dense model whose outlier ratios are measured.")] = None,
+    calibration: Annotated[str | None, typer.Option(
+        help="owl: calibration text file or digest.")] = None,
     output: Annotated[Path | None, typer.Option(
         help="Also write the decisions table (Parquet) here.")] = None,
     store: StoreOption = None,
@@ -256,8 +260,12 @@ def allocate(
             else value
     the_store = open_store(store)
     params = {"policy": policy, "options": options}
-    _, result = run_and_report("allocate", params,
-                               {"metrics": input_ref(the_store, metrics, "metrics")}, store)
+    inputs = {"metrics": input_ref(the_store, metrics, "metrics")}
+    if model:
+        inputs["model"] = input_ref(the_store, model, "model")
+    if calibration:
+        inputs["calibration"] = input_ref(the_store, calibration, "text")
+    _, result = run_and_report("allocate", params, inputs, store)
     decisions = the_store.get(result.outputs["decisions"].digest,
                               output or Path(tempfile.mkdtemp()) / "decisions.parquet")
     print_decisions(decisions)

@@ -94,3 +94,25 @@ def test_computed_steps_emit_asset_materialisation_events(tmp_path, prefect_api)
     assert events, f"no materialisation event for {metrics}"
     related = {r["prefect.resource.id"] for e in events for r in e["related"]}
     assert model in related
+
+
+def test_owl_allocation_measures_outlier_ratios_from_calibration(tmp_path):
+    from steps.core.registry import load_step
+    from steps.core.step import run_step
+
+    store = open_store(str(tmp_path / "store"))
+    model = run_step(load_step("build_model"), {"name": "tiny-llama"}, {}, store=store)
+    model = model.digests()["model"]
+    metrics = run_step(load_step("spectral"), {"plots": False}, {"model": model}, store=store)
+    text = tmp_path / "calibration.txt"
+    text.write_text("And God said, Let there be light: and there was light. " * 200)
+    inputs = {"metrics": metrics.digests()["metrics"], "model": model,
+              "calibration": store.put(text, "text").digest}
+    owl = run_step(load_step("allocate"), {"policy": "owl", "options": {"sparsity": 0.5},
+                                           "calibration_samples": 2, "calibration_seqlen": 64},
+                   inputs, store=store)
+    decisions = pq.read_table(store.get(owl.digests()["decisions"], tmp_path / "owl.parquet"))
+    sparsity = decisions["sparsity"].to_pylist()
+    params = decisions["params"].to_pylist()
+    mean = sum(s * p for s, p in zip(sparsity, params, strict=True)) / sum(params)
+    assert abs(mean - 0.5) < 1e-9 and len(set(sparsity)) > 1

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from steps.allocate import POLICIES, allocate, read_metrics
+from steps.allocate import POLICIES, AllocationError, allocate, read_metrics
 from steps.allocate.plots import plot_decisions
 from steps.core.step import Output, Step, StepContext
 
@@ -22,10 +22,17 @@ class AllocateParams(BaseModel):
                                     "e.g. {'sparsity': 0.7, 'epsilon': 0.2}.")
     blocks_only: bool = Field(True, description="Drop rows outside the repeated blocks "
                               "(embeddings, lm_head): the policies decide per block.")
+    calibration_samples: int = Field(16, ge=1, description="owl: calibration sequences used "
+                                     "to measure the outlier ratios (model + calibration "
+                                     "inputs).")
+    calibration_seqlen: int = Field(512, ge=8, description="owl: tokens per sequence.")
+    device: str = Field("auto", description="owl: where the calibration forward runs.")
 
 
 def allocate_step(ctx: StepContext, params: AllocateParams, inputs: dict[str, Path]) -> dict:
     metrics = read_metrics(inputs["metrics"])
+    if params.policy == "owl" and "outlier_ratio" not in metrics.column_names:
+        metrics = measured_outlier_ratios(params, inputs)
     if params.blocks_only and "block" in metrics.column_names:
         metrics = metrics.filter(pc.is_valid(metrics["block"]))
     decisions = allocate(metrics, params.policy, **params.options)
@@ -39,6 +46,25 @@ def allocate_step(ctx: StepContext, params: AllocateParams, inputs: dict[str, Pa
             "plot": Output(plot, "plot", "image/png")}
 
 
+def measured_outlier_ratios(params: AllocateParams, inputs: dict[str, Path]) -> pa.Table:
+    """OWL's per-layer outlier ratios of the dense model on its calibration text."""
+    if "model" not in inputs or "calibration" not in inputs:
+        raise AllocationError("owl: the metrics table has no outlier_ratio column; give the "
+                              "model and calibration inputs to measure it")
+    from transformers import AutoTokenizer
+
+    from steps.core.blocks import fit_seqlen, outlier_ratios, resolve_device
+    from steps.core.calibration import calibration_input_ids
+    from steps.core.factory import load_model
+
+    model = load_model(inputs["model"])
+    tokenizer = AutoTokenizer.from_pretrained(inputs["model"], local_files_only=True)
+    ids = calibration_input_ids(tokenizer, inputs["calibration"],
+                                nsamples=params.calibration_samples,
+                                seqlen=fit_seqlen(model, params.calibration_seqlen), seed=0)
+    return outlier_ratios(model, ids, device=resolve_device(params.device))
+
+
 def decision_summary(decisions: pa.Table, column: str) -> dict[str, float]:
     values = decisions[column]
     return {f"{column}_min": pc.min(values).as_py(), f"{column}_max": pc.max(values).as_py(),
@@ -46,4 +72,4 @@ def decision_summary(decisions: pa.Table, column: str) -> dict[str, float]:
 
 
 STEP = Step(name="allocate", version="1", params=AllocateParams, inputs=("metrics",),
-            fn=allocate_step)
+            fn=allocate_step, optional_inputs=("model", "calibration"))

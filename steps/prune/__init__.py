@@ -5,6 +5,12 @@ report = prune(model, tokenizer, method="wanda", sparsity=0.5, calibration_text=
 save_pruned(model, tokenizer, "pruned/", report)
 """
 
+from steps.core.calibration import (
+    DEFAULT_NSAMPLES,
+    DEFAULT_SEQLEN,
+    CalibrationError,
+    calibration_input_ids,
+)
 from steps.prune.api import (
     METHODS,
     REPORT_FILE,
@@ -15,12 +21,6 @@ from steps.prune.api import (
     read_allocation,
     save_pruned,
     sparsity_report,
-)
-from steps.prune.calibration import (
-    DEFAULT_NSAMPLES,
-    DEFAULT_SEQLEN,
-    CalibrationError,
-    calibration_input_ids,
 )
 from steps.prune.masks import Pattern, PatternError
 

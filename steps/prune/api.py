@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from steps.core.blocks import calibrated_blocks, find_blocks, fit_seqlen, weight_matrix
+from steps.core.calibration import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_input_ids
 from steps.core.errors import TailwiseError
 from steps.core.factory import save_hf
 from steps.prune import magnitude, sparsegpt, wanda
-from steps.prune.calibration import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_input_ids
 from steps.prune.masks import Pattern
 
 METHODS = ("magnitude", "wanda", "sparsegpt")

@@ -49,6 +49,6 @@ def kjv() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def calibration_ids(kjv: dict[str, Path], tokenizer) -> torch.Tensor:
     """4 sequences x 64 byte tokens of KJV validation text, fixed seed."""
-    from steps.prune.calibration import sample_windows, tokenize_text
+    from steps.core.calibration import sample_windows, tokenize_text
 
     return sample_windows(tokenize_text(tokenizer, kjv["validation"]), 4, 64, seed=0)
