@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,15 +64,12 @@ class FlowRun:
     flow_run_id: str | None
     settings: RunSettings
     scratch: Path
-    results: dict[str, StepResult] = field(default_factory=dict)
 
     def step(self, name: str, params: Mapping[str, Any] | None = None,
              inputs: Mapping[str, str] | None = None, label: str | None = None) -> StepResult:
         """Run step `name` as a Prefect task (or reuse its cached outputs)."""
-        result = step_task.with_options(name=label or name)(self, name, dict(params or {}),
-                                                            dict(inputs or {}))
-        self.results[label or name] = result
-        return result
+        return step_task.with_options(name=label or name)(self, name, dict(params or {}),
+                                                          dict(inputs or {}))
 
     def source(self, ref: str, kind: str) -> str:
         """The digest of an input given as a local path (stored first) or an artifact ref."""

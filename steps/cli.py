@@ -194,9 +194,7 @@ def spectral(
               "exclude": exclude, "conv_slices": conv_slices}
     _, result = run_and_report("spectral", params, {"model": input_ref(the_store, model, "model")},
                                store, use_cache=not no_cache, progress=True)
-    metrics_path = the_store.get(result.outputs["metrics"].digest,
-                                 output or Path(tempfile.mkdtemp()) / "metrics.parquet")
-    print_spectral_summary(metrics_path)
+    print_spectral_summary(read_output(the_store, result.outputs["metrics"].digest, output))
     if output:
         console.print(f"metrics: {output}")
     if plots and "plots" in result.outputs:
@@ -205,12 +203,19 @@ def spectral(
             console.print(f"plot: {png}")
 
 
-def print_spectral_summary(metrics_path: Path) -> None:
+def read_output(the_store, digest: str, output: Path | None = None):
+    """A table artifact, also written to `output` when one is given."""
     import pyarrow.parquet as pq
 
+    if output is not None:
+        return pq.read_table(the_store.get(digest, output))
+    with tempfile.TemporaryDirectory() as scratch:
+        return pq.read_table(the_store.get(digest, Path(scratch) / "table.parquet"))
+
+
+def print_spectral_summary(metrics) -> None:
     from steps.spectral import summarize
 
-    metrics = pq.read_table(metrics_path)
     table = Table("layer", "name", "N x M", "alpha", "D", "lambda_max", "log_norm", "warning",
                   title="per-matrix spectral metrics")
     for row in metrics.to_pylist():
@@ -266,15 +271,10 @@ def allocate(
     if calibration:
         inputs["calibration"] = input_ref(the_store, calibration, "text")
     _, result = run_and_report("allocate", params, inputs, store)
-    decisions = the_store.get(result.outputs["decisions"].digest,
-                              output or Path(tempfile.mkdtemp()) / "decisions.parquet")
-    print_decisions(decisions)
+    print_decisions(read_output(the_store, result.outputs["decisions"].digest, output))
 
 
-def print_decisions(path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    decisions = pq.read_table(path)
+def print_decisions(decisions) -> None:
     column = next(c for c in ("sparsity", "lr_factor", "experts") if c in decisions.column_names)
     table = Table("name", "block", column, title="per-layer decisions")
     for row in decisions.to_pylist():
@@ -329,8 +329,6 @@ def evaluate(
     store: StoreOption = None,
 ) -> None:
     """Perplexity, sparsity, parameter count and size on disk of a model."""
-    import pyarrow.parquet as pq
-
     the_store = open_store(store)
     inputs = {"model": input_ref(the_store, model, "model")}
     if perplexity:
@@ -338,9 +336,8 @@ def evaluate(
     params = {"seqlen": seqlen, "max_windows": max_windows, "device": device,
               "name": Path(model).name}
     _, result = run_and_report("evaluate", params, inputs, store)
-    path = the_store.get(result.outputs["evaluation"].digest,
-                         Path(tempfile.mkdtemp()) / "evaluation.parquet")
-    for key, value in pq.read_table(path).to_pylist()[0].items():
+    evaluation = read_output(the_store, result.outputs["evaluation"].digest)
+    for key, value in evaluation.to_pylist()[0].items():
         console.print(f"{key:>16}: {value}")
 
 

@@ -7,6 +7,7 @@ files (plots, tables) and tags that point at artifact digests.
 from __future__ import annotations
 
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -51,8 +52,6 @@ class StepRun:
 
         if self.client is None or not metrics:
             return
-        import time
-
         stamp = int(time.time() * 1000)
         batch = [Metric(k, float(v), stamp, step or 0) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
