@@ -179,11 +179,16 @@ store = ArtifactStore.from_url(sys.argv[1])
 client = store.backend.client
 real_upload = client.upload_file
 def upload_and_hang(*args, **kwargs):
-    sent, hang = [0], threading.Event()
+    # Parts go up on several threads: count under a lock and announce only once.
+    sent, lock, announced, hang = [0], threading.Lock(), threading.Event(), threading.Event()
     def progress(n):
-        sent[0] += n
-        if sent[0] >= 16 * 1024 * 1024:
-            print("uploading", flush=True)
+        with lock:
+            sent[0] += n
+            first = sent[0] >= 16 * 1024 * 1024 and not announced.is_set()
+            if first:
+                announced.set()
+                print("uploading", flush=True)
+        if announced.is_set():
             hang.wait()
     return real_upload(*args, Callback=progress, **kwargs)
 client.upload_file = upload_and_hang
