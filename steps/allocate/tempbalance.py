@@ -62,15 +62,7 @@ def allocate(metrics: pa.Table, options: TempBalanceOptions) -> pa.Table:
         raise fail(metrics, "no layer left to balance after excluding first/last and small ones")
 
     groups = blocks if options.blockwise else np.arange(len(names))
-    score = alpha.copy()
-    # Excluded layers take no part in their block's mean.
-    score[included] = block_means(alpha[included], groups[included])
-    factor = np.ones(len(names))
-    if options.variant == "linear":
-        unit = min_max_unit(score[included])
-        factor[included] = options.lr_min + unit * (options.lr_max - options.lr_min)
-    else:
-        factor[included] = _sigmoid_factors(score[included], groups[included], options.scale)
+    score, factor = lr_factors(alpha, groups, included, options)
 
     columns = {
         "name": names,
@@ -81,6 +73,23 @@ def allocate(metrics: pa.Table, options: TempBalanceOptions) -> pa.Table:
         "lr_factor": factor,
     }
     return decisions_table(columns, policy="tempbalance", options=options, source=metrics)
+
+
+def lr_factors(
+    alpha: np.ndarray, groups: np.ndarray, included: np.ndarray, options: TempBalanceOptions
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score, lr factor) per layer from alpha, group ids (blocks, or one per layer) and the
+    mask of balanced layers; the others keep their alpha as score and factor 1.0."""
+    score = alpha.copy()
+    # Excluded layers take no part in their block's mean.
+    score[included] = block_means(alpha[included], groups[included])
+    factor = np.ones(len(alpha))
+    if options.variant == "linear":
+        unit = min_max_unit(score[included])
+        factor[included] = options.lr_min + unit * (options.lr_max - options.lr_min)
+    else:
+        factor[included] = _sigmoid_factors(score[included], groups[included], options.scale)
+    return score, factor
 
 
 def _included(metrics: pa.Table, options: TempBalanceOptions) -> np.ndarray:

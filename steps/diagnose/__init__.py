@@ -1,0 +1,1 @@
+"""diagnose: loss-landscape metrics, MD tree, prunability regimes, SharpBalance, dispersion."""

@@ -1,0 +1,1 @@
+"""finetune: training with TempBalance layer-wise learning rates, LoRA and AlphaLoRA experts."""
