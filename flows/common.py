@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from flows.runners import RUNNERS, Dispatch
 from steps.core.errors import ArtifactNotFound, ParamsError
+from steps.core.jobs import retry_policy
 from steps.core.registry import load_step
 from steps.core.step import StepResult, cached_result
 from steps.core.store import ArtifactStore, open_store
@@ -68,8 +69,10 @@ class FlowRun:
     def step(self, name: str, params: Mapping[str, Any] | None = None,
              inputs: Mapping[str, str] | None = None, label: str | None = None) -> StepResult:
         """Run step `name` as a Prefect task (or reuse its cached outputs)."""
-        return step_task.with_options(name=label or name)(self, name, dict(params or {}),
-                                                          dict(inputs or {}))
+        retries, delays = retry_policy(name)
+        task_run = step_task.with_options(name=label or name, retries=retries,
+                                          retry_delay_seconds=delays)
+        return task_run(self, name, dict(params or {}), dict(inputs or {}))
 
     def source(self, ref: str, kind: str) -> str:
         """The digest of an input given as a local path (stored first) or an artifact ref."""
@@ -87,8 +90,8 @@ def is_transient(task, task_run, state) -> bool:
 
 
 # Prefect's own task cache is off: steps have their content-addressed cache in the store.
-@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=is_transient,
-      cache_policy=NO_CACHE)
+# Retries are set per step from containers/steps.yaml (FlowRun.step).
+@task(retry_condition_fn=is_transient, cache_policy=NO_CACHE)
 def step_task(run: FlowRun, name: str, params: dict, inputs: dict) -> StepResult:
     step = load_step(name)
     valid = step.validate(params)

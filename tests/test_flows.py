@@ -49,7 +49,7 @@ def test_audit_flags_moved_layers_and_compares_with_the_previous_audit(tmp_path,
 
 def test_alpha_prune_runs_both_allocations_and_reruns_cached(tmp_path, prefect_api):
     from flows.alpha_prune import AlphaPruneParams, alpha_prune
-    from steps.core.lineage import upstream
+    from steps.core.lineage import FORMATS, render, upstream
 
     settings = RunSettings(store=str(tmp_path / "store"), tracking=False)
     params = AlphaPruneParams(model="tiny-llama", sparsity=0.5, nsamples=2, seqlen=64,
@@ -65,6 +65,12 @@ def test_alpha_prune_runs_both_allocations_and_reruns_cached(tmp_path, prefect_a
     made = {m.step: m for m in graph.steps.values()}
     assert {"build_model", "build_text", "spectral", "allocate", "prune", "evaluate"} <= set(made)
     assert made["allocate"].params["policy"] == "alphapruning"
+    for fmt in FORMATS:  # every format names each step, its params and its input digests
+        page = render(graph, fmt)
+        for step in made.values():
+            assert step.step in page, (fmt, step.step)
+            assert all(digest[:12] in page for digest in step.inputs.values()), (fmt, step.step)
+        assert "alphapruning" in page and "epsilon" in page, fmt
 
     again = alpha_prune(params, settings)
     assert again == rows

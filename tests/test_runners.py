@@ -20,7 +20,11 @@ def chain(settings: RunSettings) -> dict:
     with flow_run_context("runner-check", settings, {}) as run:
         model = run.step("build_model", {"name": "mlp", "seed": 5})
         spectral = run.step("spectral", {"plots": False}, {"model": model.digests()["model"]})
-    return {**model.digests(), **spectral.digests(), "cached": spectral.cached}
+        decisions = run.step("allocate", {"policy": "alphapruning",
+                                          "options": {"sparsity": 0.5, "epsilon": 0.2}},
+                             {"metrics": spectral.digests()["metrics"]})
+    return {**model.digests(), **spectral.digests(), **decisions.digests(),
+            "cached": spectral.cached}
 
 
 @pytest.fixture

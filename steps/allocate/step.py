@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from steps.allocate import POLICIES, AllocationError, allocate, read_metrics
+from steps.allocate.io import with_source
 from steps.allocate.plots import plot_decisions
 from steps.core.step import Output, Step, StepContext
 
@@ -30,7 +31,10 @@ class AllocateParams(BaseModel):
 
 
 def allocate_step(ctx: StepContext, params: AllocateParams, inputs: dict[str, Path]) -> dict:
-    metrics = read_metrics(inputs["metrics"])
+    # Name the input by digest, not by its scratch path: errors stay meaningful and the
+    # decisions table (which records its source) is the same wherever the step runs.
+    metrics = with_source(read_metrics(inputs["metrics"]),
+                          f"metrics {ctx.input_digests.get('metrics', '')[:12]}".strip())
     if params.policy == "owl" and "outlier_ratio" not in metrics.column_names:
         metrics = measured_outlier_ratios(params, inputs)
     if params.blocks_only and "block" in metrics.column_names:

@@ -32,6 +32,7 @@ PLACEHOLDER = re.compile(r"{{\s*([\w.\-\[\]$]+)\s*}}")
 # What Prefect's base job configuration runs when a deployment sets no command.
 FLOW_RUN_COMMAND = "prefect flow-run execute"
 _UNSET = object()
+DEFAULT_RETRIES = {"retries": 2, "delay_s": [2, 10]}
 
 
 def load_steps(path: Path = STEPS_FILE) -> dict[str, Any]:
@@ -62,6 +63,21 @@ def job_variables(step_name: str, steps: dict[str, Any] | None = None) -> dict[s
         # Kubernetes quantities are strings; "0" would still ask the device plugin.
         variables["gpu"] = str(int(spec["gpu"]))
     return variables
+
+
+def retry_policy(step_name: str, steps: dict[str, Any] | None = None) -> tuple[int, list[float]]:
+    """How often a step's task is retried on a transient failure, and the waits between.
+
+    Without containers/steps.yaml (an installed package, not a checkout) the defaults hold.
+    """
+    if steps is None:
+        steps = load_steps() if STEPS_FILE.is_file() else {"steps": {}}
+    policy = DEFAULT_RETRIES | steps.get("retries", {}) | steps["steps"].get(step_name, {})
+    retries = int(policy.get("retries", 0))
+    delays = [float(d) for d in policy.get("delay_s", [0])]
+    if retries < 0 or not delays or min(delays) < 0:
+        raise ValueError(f"containers/steps.yaml: bad retry policy for {step_name!r}: {policy}")
+    return retries, delays
 
 
 def substitute(template: Any, values: dict[str, Any]) -> Any:

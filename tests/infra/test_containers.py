@@ -136,3 +136,15 @@ def test_registered_steps_are_mapped_and_runnable_in_a_container() -> None:
         assert name in config["steps"], f"step {name} has no image in containers/steps.yaml"
         # The container command is `python -m steps.<name>`.
         assert (REPO / "steps" / name / "__main__.py").is_file(), f"steps/{name}: no __main__.py"
+
+
+def test_retry_policy_has_defaults_and_per_step_overrides() -> None:
+    from steps.core.jobs import retry_policy
+
+    config = steps_config()
+    assert retry_policy("spectral", config) == (2, [2.0, 10.0])
+    assert retry_policy("build_text", config) == (1, [2.0, 10.0])
+    assert retry_policy("prune", config) == (2, [10.0, 60.0])
+    assert retry_policy("spectral", {"steps": {}}) == (2, [2.0, 10.0])
+    with pytest.raises(ValueError, match="bad retry policy for 'spectral'"):
+        retry_policy("spectral", {"retries": {"retries": -1}, "steps": {}})

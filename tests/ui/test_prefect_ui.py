@@ -102,6 +102,31 @@ def save_screenshot(page, path: Path) -> None:
         shutil.copy(path, Path(target) / path.name)
 
 
+def flow_manifests(stack, flow_run_id: str) -> list[dict]:
+    """The manifests in the stack's bucket made by one flow run."""
+    env = stack.client_env()
+    s3 = s3_client(env["AWS_ENDPOINT_URL_S3"], env["AWS_ACCESS_KEY_ID"],
+                   env["AWS_SECRET_ACCESS_KEY"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="tailwise", Prefix="store/manifests/")
+            .get("Contents", [])]
+    manifests = [json.loads(s3.get_object(Bucket="tailwise", Key=k)["Body"].read()) for k in keys]
+    return [m for m in manifests if (m.get("produced_by") or {}).get("flow_run_id") == flow_run_id]
+
+
+def final_evaluation(manifests: list[dict]) -> dict:
+    return next(m for m in manifests if m["produced_by"]["step"] == "evaluate"
+                and m["produced_by"]["params"]["name"] == "alphapruning")
+
+
+def lineage(stack, digest: str, fmt: str) -> str:
+    """`tailwise lineage DIGEST --format FMT` against the stack's S3 store."""
+    done = subprocess.run([sys.executable, "-m", "steps.cli", "lineage", digest, "--format", fmt],
+                          env=os.environ | stack.client_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -121,22 +146,20 @@ def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, t
             page.reload(wait_until="networkidle")
             expect(page.get_by_text("Completed").first).to_be_visible(timeout=30_000)
             save_screenshot(page, tmp_path / "prefect-ui-completed-run.png")
+            lineage_page = tmp_path / "lineage.html"
+            evaluation = final_evaluation(flow_manifests(stack, flow_run_id))
+            lineage_page.write_text(lineage(stack, evaluation["digest"], "html"))
+            page.goto(lineage_page.as_uri())
+            drawn = {t.strip() for t in page.locator("g.node title").all_text_contents()}
+            save_screenshot(page, tmp_path / "lineage.png")
         finally:
             browser.close()
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["parameters"]["params"]["sparsity"] == 0.6
 
     # The artifacts: manifests in the stack's bucket, made by this flow run.
-    env = stack.client_env()
-    s3 = s3_client(env["AWS_ENDPOINT_URL_S3"], env["AWS_ACCESS_KEY_ID"],
-                   env["AWS_SECRET_ACCESS_KEY"])
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="tailwise", Prefix="store/manifests/")
-            .get("Contents", [])]
-    manifests = [json.loads(s3.get_object(Bucket="tailwise", Key=k)["Body"].read()) for k in keys]
-    ours = [m for m in manifests if (m.get("produced_by") or {}).get("flow_run_id") == flow_run_id]
+    ours = flow_manifests(stack, flow_run_id)
     assert {m["produced_by"]["step"] for m in ours} == STEPS
-    evaluation = next(m for m in ours if m["produced_by"]["step"] == "evaluate"
-                      and m["produced_by"]["params"]["name"] == "alphapruning")
 
     # The MLflow runs: a parent for the flow run, a child per step.
     from mlflow.tracking import MlflowClient
@@ -152,12 +175,11 @@ def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, t
     assert {c.data.params.get("options.sparsity") for c in children
             if c.info.run_name == "allocate"} == {"0.6"}
 
-    # The lineage, from the S3 store, shows both steps and the changed parameter.
-    lineage = subprocess.run(
-        [sys.executable, "-m", "steps.cli", "lineage", evaluation["digest"], "--format", "json"],
-        env=os.environ | env, capture_output=True, text=True, timeout=120)
-    assert lineage.returncode == 0, lineage.stderr
-    steps = {s["step"]: s for s in json.loads(lineage.stdout)["steps"]}
+    # The lineage, from the S3 store, shows every step and the changed parameter; the HTML
+    # page a person opens draws a node per artifact and step of it.
+    graph = json.loads(lineage(stack, evaluation["digest"], "json"))
+    steps = {s["step"]: s for s in graph["steps"]}
+    assert drawn == {a["digest"] for a in graph["artifacts"]} | {s["id"] for s in graph["steps"]}
     assert set(steps) == STEPS
     assert steps["allocate"]["params"]["options"] == {"sparsity": 0.6, "epsilon": 0.3}
     assert steps["prune"]["flow_run_id"] == flow_run_id
