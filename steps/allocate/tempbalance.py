@@ -6,7 +6,9 @@ Higher alpha (under-trained) learns faster. Two variants:
 - sigmoid (TB_Sigmoid, low-data fine-tuning): factor = 10^phi with
   phi = s * (sigmoid(10 * (alpha_b - mean_b alpha_b)) - 0.5), per block.
 The first and last layers, and layers with fewer than `min_eigs` eigenvalues
-(min(N, M), when known), are left out and keep factor 1.0, as in the TB code.
+(the pooled count, or min(N, M)), are left out and keep factor 1.0, as in the TB code.
+First and last mean the table's first and last rows: analyse with min_evals=1 so that
+they are the model's (the spectral step skips tiny matrices by default).
 """
 
 from typing import Literal
@@ -97,10 +99,20 @@ def _included(metrics: pa.Table, options: TempBalanceOptions) -> np.ndarray:
     included = np.ones(metrics.num_rows, dtype=bool)
     if options.exclude_first_last:
         included[[0, -1]] = False
-    if "N" in metrics.column_names and "M" in metrics.column_names:
-        n_eigs = np.minimum(metric_values(metrics, "N"), metric_values(metrics, "M"))
+    n_eigs = _eigenvalue_counts(metrics)
+    if n_eigs is not None:
         included &= n_eigs >= options.min_eigs
     return included
+
+
+def _eigenvalue_counts(metrics: pa.Table) -> np.ndarray | None:
+    """Eigenvalues per layer: the spectral step's pooled count (a conv layer's kh*kw slices
+    together, as the TempBalance scheduler and the TB code count), else min(N, M)."""
+    if "num_evals" in metrics.column_names:
+        return metric_values(metrics, "num_evals")
+    if "N" in metrics.column_names and "M" in metrics.column_names:
+        return np.minimum(metric_values(metrics, "N"), metric_values(metrics, "M"))
+    return None
 
 
 def _sigmoid_factors(score: np.ndarray, groups: np.ndarray, scale: float) -> np.ndarray:

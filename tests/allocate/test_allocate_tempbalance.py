@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 from allocate_helpers import layer_table
 
 from steps.allocate import AllocationError, allocate
+from steps.finetune.tempbalance import layer_param_groups
 
 
 def test_linear_endpoints_and_bounds():
@@ -27,6 +29,26 @@ def test_small_layers_are_left_out_when_shapes_are_known():
     decisions = allocate(table, "tempbalance", exclude_first_last=False)
     np.testing.assert_allclose(decisions["lr_factor"].to_numpy(), [0.5, 1.0, 1.0, 1.5])
     assert decisions["included"].to_pylist() == [True, False, True, True]
+
+
+def test_conv_layers_count_their_pooled_eigenvalues_like_the_scheduler():
+    """A 3x3 conv with 16 in-channels has 16 * 9 = 144 pooled eigenvalues: balanced."""
+    shapes = [(64, 64), (32, 16), (64, 64), (64, 64)]
+    table = layer_table([1.0, 9.0, 2.0, 3.0], shapes=shapes)
+    table = table.append_column("num_evals", [[64, 144, 64, 64]])
+    decisions = allocate(table, "tempbalance", exclude_first_last=False)
+    assert decisions["included"].to_pylist() == [True, True, True, True]
+    from steps.core.factory import build_model
+    from steps.finetune.tempbalance import TempBalance
+    from steps.spectral import analyze
+
+    model = build_model("cnn", seed=0)
+    optimizer = torch.optim.SGD(layer_param_groups(model, 0.1), lr=0.1)
+    scheduler_view = TempBalance(model, optimizer).included
+    # Every layer analysed (min_evals=1), so the table's first and last rows are the model's.
+    metrics = analyze(model, estimator="hill", min_evals=1).drop_columns(["block"])
+    policy_view = allocate(metrics, "tempbalance")["included"]
+    assert policy_view.to_pylist() == list(scheduler_view)
 
 
 def test_custom_range():
