@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
+from urllib.parse import unquote
 
 from steps.core.errors import StoreError
 
@@ -49,12 +51,17 @@ def written_atomically(dest: Path) -> Iterator[HashingWriter]:
 
 
 def check_key(key: str) -> str:
-    """Return `key` if it stays inside the store, else raise StoreError."""
-    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
-        raise StoreError(f"artifact key {key!r} is not a relative POSIX path")
-    parts = key.split("/")
-    if any(part in ("", ".", "..") for part in parts) or ":" in parts[0]:
-        raise StoreError(f"artifact key {key!r} escapes the store")
+    """Return `key` if it stays inside the store, else raise StoreError.
+
+    The percent-decoded key is checked too: `%2e%2e/x` is a plain name here, but `..` to
+    anything (an HTTP server, a UI link) that decodes it.
+    """
+    for form in dict.fromkeys((key, unquote(key))):
+        if not form or form.startswith("/") or "\\" in form or "\x00" in form:
+            raise StoreError(f"artifact key {key!r} is not a relative POSIX path")
+        parts = form.split("/")
+        if any(part in ("", ".", "..") for part in parts) or ":" in parts[0]:
+            raise StoreError(f"artifact key {key!r} escapes the store")
     return key
 
 
@@ -121,6 +128,9 @@ class LocalBackend:
             return writer.sha256.hexdigest()
         except FileNotFoundError as exc:
             raise StoreError(f"object {key} is missing from {self.root}") from exc
+        except OSError as exc:  # disk full, file too large, no permission at dest
+            raise StoreError(f"cannot copy {key} from {self.root} to {dest}: "
+                             f"{exc.strerror}") from exc
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -232,9 +242,13 @@ class S3Backend:
 
     def get_file(self, key: str, dest: Path) -> str:
         # Hashed on the way in: verifying costs no second read of the file.
-        with written_atomically(dest) as writer:
-            self._call("download", key, self.client.download_fileobj, self.bucket,
-                       self._key(key), writer, Config=self.transfer)
+        try:
+            with written_atomically(dest) as writer:
+                self._call("download", key, self.client.download_fileobj, self.bucket,
+                           self._key(key), writer, Config=self.transfer)
+        except OSError as exc:  # disk full, file too large, no permission at dest
+            raise StoreError(f"cannot download {key} from {self._where()} to {dest}: "
+                             f"{exc.strerror or exc}") from exc
         return writer.sha256.hexdigest()
 
     def get_bytes(self, key: str) -> bytes:
@@ -272,13 +286,22 @@ class S3Backend:
 
 def backend_from_url(url: str) -> Backend:
     """`s3://bucket/prefix` or a local path / `file://` URL."""
+    if "\x00" in url:
+        raise StoreError(f"store URL {url!r} holds a NUL byte")
     if url.startswith("s3://"):
         bucket, _, prefix = url[len("s3://"):].partition("/")
         if not bucket:
             raise StoreError(f"store URL {url!r} names no bucket")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", bucket) or ".." in bucket:
+            raise StoreError(f"store URL {url!r}: {bucket!r} is not an S3 bucket name")
+        if prefix.strip("/"):
+            check_key(prefix.strip("/"))  # no `..`, `%2e%2e` or `\` in the prefix
         return S3Backend(bucket, prefix)
     if url.startswith("file://"):
         url = url[len("file://"):]
+        if not url.startswith("/"):  # file://etc/x would silently mean ./etc/x
+            raise StoreError(f"store URL 'file://{url}': a file URL needs an absolute path "
+                             "(file:///...)")
     if "://" in url:
         raise StoreError(f"store URL {url!r}: use s3://bucket/prefix or a local directory")
     return LocalBackend(url)

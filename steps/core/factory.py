@@ -243,12 +243,28 @@ def load_model(model_dir: str | os.PathLike[str]) -> nn.Module:
         from steps.core.pretrained import load_hf_model
 
         return load_hf_model(path)
-    spec = json.loads(plain_config.read_text())
-    if spec.get("kind") not in _PLAIN_MODELS:
-        raise ValueError(f"{plain_config}: unknown model kind {spec.get('kind')!r}")
-    model_cls, config_cls = _PLAIN_MODELS[spec["kind"]]
-    # JSON turns tuples into lists; the frozen dataclasses want tuples back.
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()}
-    model = model_cls(config_cls(**fields))
-    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    from steps.core.pretrained import ModelLoadError
+
+    try:
+        spec = json.loads(plain_config.read_text())
+        kind, config = spec.get("kind"), spec["config"]
+        # JSON turns tuples into lists; the frozen dataclasses want tuples back.
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise ModelLoadError(f"cannot load model from {path}: {PLAIN_CONFIG_FILE} is not a "
+                             f"model description ({type(exc).__name__})") from exc
+    if kind not in _PLAIN_MODELS:
+        raise ModelLoadError(f"cannot load model from {path}: unknown model kind {kind!r}")
+    model_cls, config_cls = _PLAIN_MODELS[kind]
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+        # Built on the meta device: a config that declares huge layers costs nothing, and the
+        # file's tensors (checked against the declared shapes) become the parameters.
+        with torch.device("meta"):
+            model = model_cls(config_cls(**fields))
+        model.load_state_dict(state, assign=True)
+    except Exception as exc:  # safetensors, dataclass and torch errors: name the input
+        # One line for the CLI (torch lists each mismatch on a line of its own).
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ModelLoadError(f"cannot load model from {path}: {reason}") from exc
     return model.eval()

@@ -20,7 +20,10 @@ from steps.core.tracking import open_tracker
 
 
 class StepRequest(BaseModel):
-    """What a runner asks a step process to do."""
+    """What a runner asks a step process to do (unknown fields are refused: a typo such as
+    `use_cach` must not be ignored silently)."""
+
+    model_config = {"extra": "forbid"}
 
     params: dict[str, Any] = Field(default_factory=dict)
     inputs: dict[str, str] = Field(default_factory=dict)
@@ -37,9 +40,12 @@ def read_request(path: Path) -> StepRequest:
         return StepRequest.model_validate_json(path.read_bytes())
     except FileNotFoundError as exc:
         raise ParamsError(f"request file {path} does not exist") from exc
+    except OSError as exc:  # a directory, no permission, ...
+        raise ParamsError(f"request file {path} cannot be read: {exc.strerror}") from exc
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "request"
+        # Keys come from the file: escaped and cut, so the message stays one short line.
+        where = json.dumps(".".join(str(p) for p in first["loc"]))[1:-1][:100] or "request"
         raise ParamsError(f"request file {path}: {where}: {first['msg']}") from exc
 
 

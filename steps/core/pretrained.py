@@ -194,11 +194,19 @@ def load_hf_model(path: str | os.PathLike[str]) -> torch.nn.Module:
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"model path {model_dir} has no config.json")
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    auto_cls = AutoModelForCausalLM if _is_causal_lm(config.architectures) else AutoModel
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        architectures = config.architectures if isinstance(config.architectures, list) else []
+    except Exception as exc:  # not JSON, unknown model_type, invalid fields, absurd nesting
+        raise ModelLoadError(f"cannot load model from {model_dir}: config.json: "
+                             f"{_first_line(exc)}") from exc
+    auto_cls = AutoModelForCausalLM if _is_causal_lm(architectures) else AutoModel
     has_safetensors = any(model_dir.glob("*.safetensors"))
-    if not has_safetensors and not any(model_dir.glob("pytorch_model*.bin")):
+    pattern = "*.safetensors" if has_safetensors else "pytorch_model*.bin"
+    weight_files = list(model_dir.glob(pattern))
+    if not weight_files:
         raise ModelLoadError(f"model path {model_dir} has no *.safetensors weights")
+    _check_declared_size(model_dir, auto_cls, config, sum(f.stat().st_size for f in weight_files))
     try:
         model = auto_cls.from_pretrained(
             model_dir,
@@ -209,6 +217,29 @@ def load_hf_model(path: str | os.PathLike[str]) -> torch.nn.Module:
         )
     except Exception as exc:  # safetensors/torch/transformers raise many kinds; name the input
         # One line: the CLI prints it as is, and library messages run over many lines.
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelLoadError(f"cannot load model from {model_dir}: {reason}") from exc
+        raise ModelLoadError(f"cannot load model from {model_dir}: {_first_line(exc)}") from exc
     return model.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_declared_size(model_dir: Path, auto_cls, config, weight_bytes: int) -> None:
+    """Refuse a config that declares far more parameters than the weight files can hold.
+
+    transformers initialises the parameters a checkpoint lacks, so a config.json declaring a
+    70B model beside a 1 kB file would allocate the declared size. Counted on the meta device
+    (no memory); a stored value takes at least half a byte (4-bit), and the slack admits
+    checkpoints without a small head (e.g. BERT's pooler).
+    """
+    try:
+        with torch.device("meta"):
+            declared = sum(p.numel() for p in auto_cls.from_config(config).parameters())
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model from {model_dir}: config.json: "
+                             f"{_first_line(exc)}") from exc
+    if declared > 2 * weight_bytes + (1 << 22):
+        raise ModelLoadError(f"cannot load model from {model_dir}: config.json declares "
+                             f"{declared:,} parameters but the weight files hold only "
+                             f"{weight_bytes:,} bytes")

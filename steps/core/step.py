@@ -67,8 +67,13 @@ class Step:
     def validate(self, params: BaseModel | Mapping[str, Any] | None) -> BaseModel:
         if isinstance(params, self.params):
             return params
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.params.model_fields))
+        if unknown:  # a misspelt param must not silently fall back to its default
+            raise ParamsError(f"step {self.name}: unknown parameter {', '.join(unknown)}; "
+                              f"known: {', '.join(self.params.model_fields)}")
         try:
-            return self.params.model_validate(dict(params or {}))
+            return self.params.model_validate(params)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "params"

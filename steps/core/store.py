@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -106,13 +107,29 @@ def manifest_key(digest: str) -> str:
 
 def digest_from_ref(ref: str) -> str:
     """The hex digest (or prefix) inside a reference: `abc123`, `sha256:abc..`, a URI."""
+    # A URI is reduced to its last part below; one that climbs (`..`, `%2e%2e`) or holds
+    # a backslash or NUL is a trick, not an address of this store's manifests.
+    segments = re.split(r"[/\\]", ref) + re.split(r"[/\\]", unquote(ref))
+    if any(part in ("..", ".") for part in segments) or any(c in ref for c in "\\\x00"):
+        raise ArtifactNotFound(f"artifact reference {_shorten(ref)} is not a digest, digest "
+                               "prefix or artifact URI (it holds a path trick)")
     text = ref.strip().rstrip("/")
     text = text.rsplit("/", 1)[-1]
     text = text.removesuffix(".json").removeprefix("sha256:")
     if not re.fullmatch(r"[0-9a-f]{4,64}", text):
-        raise ArtifactNotFound(f"artifact reference {ref!r} is not a digest, digest prefix "
-                               "(at least 4 hex characters) or artifact URI")
+        raise ArtifactNotFound(f"artifact reference {_shorten(ref)} is not a digest, digest "
+                               "prefix (at least 4 hex characters) or artifact URI")
     return text
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    """repr of a user's text, cut so that an error message stays one short line."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(text)} characters)"
+
+
+def _first_line(text: object) -> str:
+    return (str(text).strip().splitlines() or [""])[0]
 
 
 class ArtifactStore:
@@ -164,7 +181,17 @@ class ArtifactStore:
     @staticmethod
     def _scan_dir(root: Path) -> tuple[list[FileEntry], dict[str, Path]]:
         files, sources = [], {}
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        inside = root.resolve()
+        for path in sorted(root.rglob("*")):
+            # A link out of the directory (to /etc/passwd, to another model) would copy a
+            # file the artifact does not own into the store: refuse it. Links that stay
+            # inside are stored as the content they point at.
+            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+                raise StoreError(f"cannot store directory {root}: {path.relative_to(root)} is "
+                                 f"a symlink out of it (to {os.readlink(path)}); copy the file "
+                                 "in instead (cp -L)")
+            if not path.is_file():
+                continue
             relative = path.relative_to(root).as_posix()
             digest = sha256_file(path)
             files.append(FileEntry(path=check_key(relative), size=path.stat().st_size,
@@ -181,10 +208,22 @@ class ArtifactStore:
             return None
         raw = self.backend.get_bytes(manifest_key(digest))
         try:
-            return Manifest.model_validate_json(raw)
+            manifest = Manifest.model_validate_json(raw)
         except ValidationError as exc:
             raise StoreError(f"manifest of {digest[:12]} in {self.url} is corrupt: "
-                             f"{exc.errors()[0]['msg']}") from exc
+                             f"{_first_line(exc.errors()[0]['msg'])}") from exc
+        # A manifest filed under one digest that names another would hand out other bytes.
+        if manifest.digest != digest:
+            raise StoreError(f"manifest of {digest[:12]} in {self.url} is corrupt: it describes "
+                             f"artifact {_first_line(manifest.digest)[:12]!r}")
+        return manifest
+
+    def _read_json(self, key: str) -> Any:
+        """A small JSON document of the store (ref, cache entry); StoreError when unreadable."""
+        try:
+            return json.loads(self.backend.get_bytes(key))
+        except (ValueError, RecursionError) as exc:  # bad JSON or bad UTF-8
+            raise StoreError(f"{key} in {self.url} is corrupt: not JSON") from exc
 
     def resolve(self, ref: str) -> str:
         """Full digest for a digest, unique prefix or URI; ArtifactNotFound otherwise."""
@@ -262,7 +301,10 @@ class ArtifactStore:
         key = f"refs/{check_key(name)}.json"
         if not self.backend.exists(key):
             return None
-        digest = json.loads(self.backend.get_bytes(key))["digest"]
+        entry = self._read_json(key)
+        digest = entry.get("digest") if isinstance(entry, dict) else None
+        if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+            raise StoreError(f"{key} in {self.url} is corrupt: no artifact digest")
         return digest if self.backend.exists(manifest_key(digest)) else None
 
     # -- step cache ------------------------------------------------------------
@@ -275,8 +317,14 @@ class ArtifactStore:
         key = f"cache/{cache_key}.json"
         if not self.backend.exists(key):
             return None
-        entry = json.loads(self.backend.get_bytes(key))
-        outputs = entry.get("outputs", {})
+        try:
+            entry = self._read_json(key)
+        except StoreError:
+            return None  # a corrupt entry is a miss: the step runs again and rewrites it
+        outputs = entry.get("outputs") if isinstance(entry, dict) else None
+        if not isinstance(outputs, dict) or not all(
+                isinstance(d, str) and DIGEST_RE.fullmatch(d) for d in outputs.values()):
+            return None
         if all(self.backend.exists(manifest_key(d)) for d in outputs.values()):
             return entry
         return None
@@ -285,7 +333,7 @@ class ArtifactStore:
         entries = []
         for key in self.backend.list("cache"):
             cache_key = key.rsplit("/", 1)[-1].removesuffix(".json")
-            entries.append((cache_key, json.loads(self.backend.get_bytes(key))))
+            entries.append((cache_key, self._read_json(key)))
         return entries
 
     def cache_delete(self, cache_key: str) -> None:

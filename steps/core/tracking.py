@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -110,7 +111,7 @@ class Tracker(NullTracker):
         except Exception as exc:
             if type(exc).__name__ == "RestException" and "RESOURCE_ALREADY_EXISTS" in str(exc):
                 return self.client.get_experiment_by_name(name).experiment_id
-            raise TrackingError(f"MLflow at {self.tracking_uri} failed: "
+            raise TrackingError(f"MLflow at {redacted(self.tracking_uri)} failed: "
                                 f"{str(exc).splitlines()[0]}") from exc
 
     def _artifact_root(self) -> str | None:
@@ -171,9 +172,19 @@ def check_reachable(tracking_uri: str) -> None:
                 return
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"cannot reach the MLflow tracking server at {tracking_uri}: "
-                            f"{reason}") from exc
-    raise TrackingError(f"MLflow tracking server at {tracking_uri} is not healthy")
+        raise TrackingError(f"cannot reach the MLflow tracking server at "
+                            f"{redacted(tracking_uri)}: {reason}") from exc
+    raise TrackingError(f"MLflow tracking server at {redacted(tracking_uri)} is not healthy")
+
+
+def redacted(uri: str) -> str:
+    """The URI without its user:password part, for messages and logs."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_tracker(tracking_uri: str | None = None, enabled: bool = True) -> NullTracker:

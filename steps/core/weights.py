@@ -272,13 +272,25 @@ def _resolve_files(path: Path) -> tuple[list[Path], Path]:
 def _index_files(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise WeightsError(f"{index}: not a safetensors index ({err})") from err
-    files = sorted({index.parent / shard for shard in weight_map.values()})
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise WeightsError(f"{index}: not a safetensors index (weight_map must map names to "
+                           "shard file names)")
+    files = sorted({_shard_path(index, shard) for shard in weight_map.values()})
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise WeightsError(f"{index}: missing shard(s) {', '.join(missing)}")
     return files
+
+
+def _shard_path(index: Path, shard: str) -> Path:
+    """A shard named by the index: a relative path below it, never one out of the model
+    directory (`../x`, `/etc/x`) that would read files the model does not own."""
+    parts = shard.split("/")
+    if "\\" in shard or "\x00" in shard or any(p in ("", ".", "..") for p in parts):
+        raise WeightsError(f"{index}: shard {shard!r} is not a file in {index.parent}")
+    return index.parent / shard
 
 
 def _read_config(path: Path) -> dict:
@@ -286,7 +298,7 @@ def _read_config(path: Path) -> dict:
         return {}
     try:
         config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: absurd nesting
         raise WeightsError(f"{path}: unreadable config ({err})") from err
     return config if isinstance(config, dict) else {}
 

@@ -74,6 +74,9 @@ def test_bad_params_and_inputs_are_named(store, text):
         run_step(SHOUT, {}, {}, store=store)
     with pytest.raises(ArtifactNotFound):
         run_step(SHOUT, {}, {"text": "feedbeef"}, store=store)
+    with pytest.raises(ParamsError, match=r"step shout: unknown parameter tims; known: times"):
+        run_step(SHOUT, {"tims": 2}, {"text": text}, store=store)
+    assert list(store.list()) == [store.stat(text)]  # nothing written
 
 
 def test_crashed_step_leaves_nothing(store, text):

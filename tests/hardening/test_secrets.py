@@ -1,0 +1,216 @@
+"""Credentials never leak, and the local services listen on 127.0.0.1 only.
+
+A secret S3 key and an MLflow password are planted in the environment; a real two-step chain
+(build_model inline, then spectral as `python -m steps.spectral --request`) runs against
+moto's S3 server and an MLflow server. Then everything it left behind is searched: MLflow
+params, tags, metrics and artifacts, every object in the bucket (manifests, cache entries,
+outputs), the request and result files, logs and the process output.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from steps.core.services import HOST, S3Info, Service
+from steps.core.step import run_step
+from steps.core.store import ArtifactStore
+from steps.core.tracking import EXPERIMENT, Tracker
+
+pytestmark = pytest.mark.services
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET_KEY = "tw-planted-aws-secret-" + "5f3a9c1e7b"
+MLFLOW_PASSWORD = "tw-planted-mlflow-pass-" + "c0ffee42"
+MLFLOW_USER = "tw-user"
+
+
+def secret_forms() -> list[bytes]:
+    """The secrets as they could appear: plain, and the password inside a basic-auth header."""
+    basic = base64.b64encode(f"{MLFLOW_USER}:{MLFLOW_PASSWORD}".encode())
+    return [SECRET_KEY.encode(), MLFLOW_PASSWORD.encode(), basic]
+
+
+def leaks(blob: bytes | str) -> list[bytes]:
+    data = blob.encode() if isinstance(blob, str) else blob
+    return [form for form in secret_forms() if form in data]
+
+
+@pytest.fixture
+def planted(s3_moto: S3Info, monkeypatch) -> S3Info:
+    """moto accepts any key pair: sign with the planted secret."""
+    for key, value in s3_moto.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_PASSWORD)
+    return s3_moto
+
+
+def run_artifacts(client, run_id: str, dest: Path) -> list[Path]:
+    local = Path(client.download_artifacts(run_id, "", str(dest)))
+    return [p for p in local.rglob("*") if p.is_file()]
+
+
+@pytest.mark.timeout(600)
+def test_secrets_appear_nowhere(planted: S3Info, mlflow_server: str, tmp_path: Path,
+                                caplog, capfd) -> None:
+    caplog.set_level(logging.DEBUG)
+    from steps.build_model.step import STEP as BUILD
+
+    store_url = f"s3://{planted.bucket}/{uuid.uuid4().hex}"
+    store = ArtifactStore.from_url(store_url)
+    tracker = Tracker(mlflow_server)
+    with tracker.flow_run("secrets-check", {"store": store_url}) as parent:
+        built = run_step(BUILD, {"name": "tiny-gpt2", "seed": 1}, {}, store=store,
+                         tracker=tracker, parent_run_id=parent.run_id)
+        request = tmp_path / "request.json"
+        request.write_text(json.dumps({
+            "params": {"device": "cpu"}, "inputs": {"model": built.digests()["model"]},
+            "store": store_url, "tracking": True, "tracking_uri": mlflow_server,
+            "parent_run_id": parent.run_id}))
+        done = subprocess.run([sys.executable, "-m", "steps.spectral", "--request",
+                               str(request), "--result", str(tmp_path / "result.json")],
+                              capture_output=True, timeout=400, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert set(result["outputs"]) == {"metrics", "esd", "plots"}
+
+    found: dict[str, list[bytes]] = {}
+
+    def check(where: str, blob: bytes | str) -> None:
+        if hits := leaks(blob):
+            found[where] = hits
+
+    # The files and output of the step process, and this process's logs and output.
+    check("request.json", request.read_bytes())
+    check("result.json", (tmp_path / "result.json").read_bytes())
+    check("step process stdout", done.stdout)
+    check("step process stderr", done.stderr)
+    captured = capfd.readouterr()
+    check("captured stdout", captured.out)
+    check("captured stderr", captured.err)
+    check("log records", "\n".join(r.getMessage() for r in caplog.records))
+    assert caplog.records, "DEBUG logging captured nothing: the log check would be empty"
+
+    # Every object in the store's part of the bucket: manifests, cache entries, outputs.
+    client = planted.client()
+    prefix = store_url.removeprefix(f"s3://{planted.bucket}/")
+    keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=planted.bucket, Prefix=prefix) for item in page.get("Contents", [])]
+    assert any("/manifests/" in k for k in keys) and any("/cache/" in k for k in keys)
+    for key in keys:
+        check(f"s3 {key}", client.get_object(Bucket=planted.bucket, Key=key)["Body"].read())
+
+    # MLflow: the flow run and both step runs, with their params, tags, metrics, artifacts.
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(mlflow_server)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    runs = mlflow.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    assert sorted(r.data.tags["tailwise.step"] for r in runs) == ["build_model", "spectral"]
+    artifact_count = 0
+    for run in [*runs, mlflow.get_run(parent.run_id)]:
+        check(f"mlflow run {run.info.run_id}", json.dumps(
+            {"params": run.data.params, "tags": run.data.tags, "metrics": run.data.metrics,
+             "name": run.info.run_name, "uri": run.info.artifact_uri}))
+        for path in run_artifacts(mlflow, run.info.run_id, tmp_path / run.info.run_id):
+            artifact_count += 1
+            check(f"mlflow artifact {path.name}", path.read_bytes())
+    assert artifact_count > 0  # the spectral plots were logged and searched
+    assert found == {}
+
+
+def test_unreachable_tracking_uri_does_not_echo_its_password() -> None:
+    from steps.core.errors import TrackingError
+    from steps.core.services import free_port
+
+    uri = f"http://{MLFLOW_USER}:{MLFLOW_PASSWORD}@{HOST}:{free_port()}"
+    with pytest.raises(TrackingError) as err:
+        Tracker(uri)
+    assert leaks(str(err.value)) == []
+
+
+# --- where the services listen -----------------------------------------------------------
+
+
+def listening_sockets(pgid: int) -> list[tuple[str, int]]:
+    """(ip, port) of every listening TCP socket held by a process of group `pgid`."""
+    sockets = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) != pgid:
+                continue
+            sockets += [(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                        if c.status == psutil.CONN_LISTEN]
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return sockets
+
+
+def pgid_listening_on(port: int) -> int:
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return os.getpgid(conn.pid)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def assert_loopback_only(url: str) -> None:
+    assert url.startswith(f"http://{HOST}:"), url
+    port = int(url.removeprefix(f"http://{HOST}:").split("/")[0])
+    sockets = listening_sockets(pgid_listening_on(port))
+    assert (HOST, port) in sockets
+    assert {ip for ip, _ in sockets} == {HOST}, sockets
+
+
+def test_moto_listens_on_loopback_only(moto_service: Service) -> None:
+    assert_loopback_only(moto_service.url)
+    assert listening_sockets(moto_service.pid)  # its own group, found by PID as well
+
+
+def test_nanio_listens_on_loopback_only(s3_nanio: S3Info) -> None:
+    assert_loopback_only(s3_nanio.endpoint_url)
+
+
+def test_mlflow_listens_on_loopback_only(mlflow_server: str) -> None:
+    assert_loopback_only(mlflow_server)
+
+
+@pytest.mark.timeout(300)
+def test_prefect_listens_on_loopback_only(prefect_server: str) -> None:
+    assert_loopback_only(prefect_server)
+
+
+def load_stack():
+    spec = importlib.util.spec_from_file_location("tailwise_stack", REPO / "infra/local/stack.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stack_addresses_and_credentials_files(tmp_path: Path, monkeypatch) -> None:
+    """The stack's URLs are loopback; its keys live in a 0600 file that env.sh only sources."""
+    stack = load_stack()
+    monkeypatch.setenv("TAILWISE_STACK_DIR", str(tmp_path / "stack"))
+    cfg = stack.StackConfig.from_env()
+    for url in (cfg.s3_url, cfg.mlflow_url, cfg.prefect_ui_url, cfg.prefect_api_url):
+        assert url.startswith(f"http://{HOST}:")
+    creds = stack.ensure_credentials(cfg)
+    assert (cfg.credentials_file.stat().st_mode & 0o777) == 0o600
+    stack.write_env_file(cfg)
+    secret = creds["AWS_SECRET_ACCESS_KEY"]
+    assert len(secret) >= 32
+    assert secret not in cfg.env_file.read_text()
+    assert secret not in json.dumps(cfg.public_env())
