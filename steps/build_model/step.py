@@ -21,6 +21,8 @@ ModelName = Literal["tiny-gpt2", "tiny-llama", "cnn", "mlp", "minilm", "smollm2"
 class BuildModelParams(BaseModel):
     name: ModelName = Field("tiny-gpt2", description="Which model to build.")
     seed: int = Field(0, ge=0, description="Initialisation seed of the tiny random models.")
+    width: int | None = Field(None, ge=1, description="Hidden width of mlp / cnn (model-zoo "
+                              "grids); None: the default size.")
 
 
 def build_model(ctx: StepContext, params: BuildModelParams, inputs: dict[str, Path]) -> dict:
@@ -37,7 +39,7 @@ def build_model(ctx: StepContext, params: BuildModelParams, inputs: dict[str, Pa
         from steps.core.factory import LM_NAMES, build_model, byte_tokenizer, save_hf
 
         tokenizer = byte_tokenizer() if params.name in LM_NAMES else None
-        save_hf(build_model(params.name, params.seed), tokenizer, out)
+        save_hf(build_model(params.name, params.seed, params.width), tokenizer, out)
     return {"model": Output(out, "model")}
 
 

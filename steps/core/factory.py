@@ -141,27 +141,43 @@ def _tiny_llama() -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-def _construct(name: str) -> nn.Module:
+def _plain_config(name: str, width: int | None):
+    """The plain model's config; `width` scales its hidden layers (a model-zoo knob)."""
+    config = _PLAIN_MODELS[name][1]()
+    if width is None:
+        return config
+    if name == "mlp":
+        return MLPConfig(hidden=(width,) * len(config.hidden))
+    return CNNConfig(channels=(width, 2 * width), hidden=4 * width)
+
+
+def _construct(name: str, width: int | None = None) -> nn.Module:
+    if name in _PLAIN_MODELS:
+        return _PLAIN_MODELS[name][0](_plain_config(name, width))
+    if width is not None:
+        raise ValueError(f"width applies to the plain models ({', '.join(_PLAIN_MODELS)}), "
+                         f"not to {name!r}")
     if name == "tiny-gpt2":
         return _tiny_gpt2()
     if name == "tiny-llama":
         return _tiny_llama()
-    if name in _PLAIN_MODELS:
-        model_cls, config_cls = _PLAIN_MODELS[name]
-        return model_cls(config_cls())
     raise ValueError(f"unknown model name '{name}'; choose one of {', '.join(MODEL_NAMES)}")
 
 
-def build_model(name: str, seed: int = 0) -> nn.Module:
-    """A freshly initialised tiny model; the same (name, seed) gives identical weights.
+def build_model(name: str, seed: int = 0, width: int | None = None) -> nn.Module:
+    """A freshly initialised tiny model; the same (name, seed, width) gives identical weights.
 
-    The global torch RNG is left as it was: initialisation runs in a forked RNG state.
+    width: hidden width of the plain models (mlp: every hidden layer; cnn: channels
+    (w, 2w), head 4w); None keeps the defaults. The global torch RNG is left as it was:
+    initialisation runs in a forked RNG state.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model name '{name}'; choose one of {', '.join(MODEL_NAMES)}")
+    if width is not None and width < 1:
+        raise ValueError(f"width must be a positive integer, got {width}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _construct(name)
+        model = _construct(name, width)
     return model.eval()
 
 

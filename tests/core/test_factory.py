@@ -138,3 +138,18 @@ def test_cnn_for_28x28_inputs():
 def test_save_rejects_unknown_plain_module(tmp_path):
     with pytest.raises(TypeError, match="cannot save Linear"):
         factory.save_hf(torch.nn.Linear(2, 2), None, tmp_path / "linear")
+
+
+def test_width_scales_the_plain_models_and_round_trips(tmp_path):
+    build_model, load_model, save_hf = factory.build_model, factory.load_model, factory.save_hf
+    mlp = build_model("mlp", seed=1, width=32)
+    assert [m.out_features for m in mlp.layers if isinstance(m, torch.nn.Linear)] == [32, 32, 10]
+    cnn = build_model("cnn", seed=1, width=8)
+    assert cnn.features[0].out_channels == 8 and cnn.features[3].out_channels == 16
+    again = load_model(save_hf(mlp, None, tmp_path / "mlp"))
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(again(x), mlp(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="width applies to the plain models"):
+        build_model("tiny-llama", width=8)
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        build_model("mlp", width=0)
