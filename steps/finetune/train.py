@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from steps.finetune.tempbalance import TempBalance, TempBalanceRecord
 
-__all__ = ["TrainHistory", "evaluate", "low_data_indices", "nrmse", "train"]
+__all__ = ["TrainHistory", "batches", "evaluate", "low_data_indices", "nrmse", "train",
+           "weighted_mean"]
 
 Task = Literal["classification", "regression"]
 Data = tuple[torch.Tensor, torch.Tensor] | DataLoader
@@ -102,14 +103,14 @@ def train(
         per_step = tb if tb is not None and tb.every_steps is not None else None
         losses = [
             _train_batch(model, optimizer, loss_fn, x.to(device), y.to(device), per_step)
-            for x, y in _batches(train_data, batch_size, generator)
+            for x, y in batches(train_data, batch_size, generator)
         ]
         if scheduler is not None:
             scheduler.step()
         if tb is not None and per_step is None:
             tb.step()
         history.train_seconds += time.perf_counter() - start
-        history.train_loss.append(_weighted_mean(losses))
+        history.train_loss.append(weighted_mean(losses))
         record = {"train_loss": history.train_loss[-1]}
         if val_data is not None:
             val_loss, val_metric = evaluate(model, val_data, task, loss_fn, batch_size, device)
@@ -137,7 +138,7 @@ def evaluate(
     """(mean loss, accuracy or mean per-sample nRMSE) of the model on the data."""
     model.eval()
     losses, scores = [], []
-    for x, y in _batches(data, batch_size, None):
+    for x, y in batches(data, batch_size, None):
         x, y = x.to(device), y.to(device)
         out = model(x)
         losses.append((float(loss_fn(out, y)), len(x)))
@@ -145,7 +146,7 @@ def evaluate(
             scores.append((float((out.argmax(1) == y).float().mean()), len(x)))
         else:
             scores.append((float(nrmse(out, y).mean()), len(x)))
-    return _weighted_mean(losses), _weighted_mean(scores)
+    return weighted_mean(losses), weighted_mean(scores)
 
 
 def nrmse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -199,7 +200,7 @@ def _train_batch(model, optimizer, loss_fn, x, y, tb: TempBalance | None) -> tup
     return float(loss.detach()), len(x)
 
 
-def _batches(
+def batches(
     data: Data, batch_size: int, generator: torch.Generator | None
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of (inputs, targets); shuffled with ``generator`` when it is given."""
@@ -215,6 +216,6 @@ def _batches(
     return ((x[i], y[i]) for i in order.split(batch_size))
 
 
-def _weighted_mean(values: list[tuple[float, int]]) -> float:
+def weighted_mean(values: list[tuple[float, int]]) -> float:
     total = sum(n for _, n in values)
     return sum(v * n for v, n in values) / total if total else float("nan")
