@@ -9,23 +9,40 @@ imports torch. A flow is a few lines:
         with flow_run_context("my_flow", settings, params.model_dump()) as run:
             model = run.step("build_model", {"name": params.model})
             run.step("spectral", {}, {"model": model.digests()["model"]})
+
+Independent steps run in parallel with `run.submit` (same arguments as `run.step`), which
+returns a future; `future.result()` is the step's result. Where they run is the
+`executor` setting, so a deployment picks it per run from its parameters:
+
+- sequential: each `submit` runs the step at once, in the flow's thread (the default);
+- threads: a thread pool in the flow's process (`workers` threads);
+- dask: a Dask cluster, through prefect-dask's `DaskTaskRunner`: a local
+  `distributed.LocalCluster` of `workers` processes (1 thread each, on 127.0.0.1) started
+  for the flow run, or the running cluster at `dask_address` (e.g. `tcp://10.0.0.5:8786`).
+
+A flow's task runner is fixed when the flow starts (`@flow(task_runner=...)`), so the chosen
+runner is entered by the flow's body instead (`flow_run_context`), on first use, and step
+tasks go through its `submit` exactly as `task.submit` hands them to the flow's own runner:
+same task, same Prefect task runs under the flow run, same cache and reports. Dask workers
+get the flow run's store and tracker by URL (`FlowRun.__getstate__`); a remote cluster's
+workers need the store's credentials (AWS_*) in their own environment.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.assets import materialize
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from flows.runners import RUNNERS, Dispatch
 from steps.core.errors import ArtifactNotFound, ParamsError
@@ -36,6 +53,7 @@ from steps.core.store import ArtifactStore, open_store
 from steps.core.tracking import NullTracker, open_tracker
 
 RunnerName = Literal["inline", "process", "deployment"]
+ExecutorName = Literal["sequential", "threads", "dask"]
 
 
 class RunSettings(BaseModel):
@@ -52,6 +70,37 @@ class RunSettings(BaseModel):
     runner: RunnerName = Field("inline", description="Where steps run: in the flow's process, "
                                "as a subprocess (the container command), or as their own "
                                "Prefect deployment on a work pool.")
+    executor: ExecutorName = Field("sequential", description="How steps submitted together "
+                                   "run: one after the other, on threads of the flow's "
+                                   "process, or on a Dask cluster.")
+    workers: int = Field(2, ge=1, description="Threads (threads), or worker processes of the "
+                         "local Dask cluster (dask without an address).")
+    dask_address: str | None = Field(None, description="Scheduler of a running Dask cluster, "
+                                     "e.g. tcp://10.0.0.5:8786 (dask only; None: start a "
+                                     "local cluster for the run).")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> RunSettings:
+        if self.dask_address and self.executor != "dask":
+            raise ValueError(f"dask_address {self.dask_address!r} is set but executor is "
+                             f"{self.executor!r}: set executor to 'dask' or drop the address")
+        return self
+
+
+class StepFuture(Protocol):
+    """What `FlowRun.submit` returns: a Prefect future, or a step already run."""
+
+    def result(self) -> StepResult: ...
+
+
+@dataclass(frozen=True)
+class Ran:
+    """The future of a step that ran at submission (the sequential executor)."""
+
+    value: StepResult
+
+    def result(self) -> StepResult:
+        return self.value
 
 
 @dataclass
@@ -65,14 +114,29 @@ class FlowRun:
     flow_run_id: str | None
     settings: RunSettings
     scratch: Path
+    # Closes the task runner of `submit` with the flow's context; never leaves this process.
+    resources: ExitStack = field(default_factory=ExitStack, repr=False, compare=False)
+    task_runner: Any = field(default=None, repr=False, compare=False)
 
     def step(self, name: str, params: Mapping[str, Any] | None = None,
              inputs: Mapping[str, str] | None = None, label: str | None = None) -> StepResult:
         """Run step `name` as a Prefect task (or reuse its cached outputs)."""
-        retries, delays = retry_policy(name)
-        task_run = step_task.with_options(name=label or name, retries=retries,
-                                          retry_delay_seconds=delays)
-        return task_run(self, name, dict(params or {}), dict(inputs or {}))
+        return step_options(name, label)(self, name, dict(params or {}), dict(inputs or {}))
+
+    def submit(self, name: str, params: Mapping[str, Any] | None = None,
+               inputs: Mapping[str, str] | None = None, label: str | None = None) -> StepFuture:
+        """Start step `name` on the settings' executor; `.result()` waits for its result."""
+        if self.settings.executor == "sequential":
+            return Ran(self.step(name, params, inputs, label))
+        parameters = {"run": self, "name": name, "params": dict(params or {}),
+                      "inputs": dict(inputs or {})}
+        return self.runner().submit(step_options(name, label), parameters)
+
+    def runner(self) -> Any:
+        """The executor's Prefect task runner, started on first use, closed with the flow."""
+        if self.task_runner is None:
+            self.task_runner = self.resources.enter_context(task_runner_for(self.settings))
+        return self.task_runner
 
     def source(self, ref: str, kind: str) -> str:
         """The digest of an input given as a local path (stored first) or an artifact ref."""
@@ -81,6 +145,45 @@ class FlowRun:
 
     def dispatch(self) -> Dispatch:
         return Dispatch(self.store, self.tracker, self.parent_run_id, self.flow_run_id)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What a Dask worker gets: clients (boto3, MLflow) and the task runner stay here;
+        # the worker reopens the store and the tracker from their URLs.
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("store", "tracker", "resources", "task_runner")}
+        return state | {"store_url": self.store.url, "tracking_uri": self.tracker.tracking_uri}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        store_url, tracking_uri = state.pop("store_url"), state.pop("tracking_uri")
+        self.__dict__.update(state)
+        self.store = open_store(store_url)
+        self.tracker = open_tracker(tracking_uri, tracking_uri is not None)
+        self.resources, self.task_runner = ExitStack(), None
+
+
+def step_options(name: str, label: str | None) -> Any:
+    """`step_task` named for the run graph, with the step's retry policy (containers/)."""
+    retries, delays = retry_policy(name)
+    return step_task.with_options(name=label or name, retries=retries,
+                                  retry_delay_seconds=delays)
+
+
+def task_runner_for(settings: RunSettings) -> Any:
+    """The Prefect task runner of a parallel executor (prefect-dask is imported only here)."""
+    if settings.executor == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=settings.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    # One task at a time per worker process; distributed's nanny also sets OMP/MKL/OpenBLAS
+    # threads to 1 in each worker (its `pre-spawn-environ`), so 2 workers use 2 cores.
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+        "n_workers": settings.workers, "threads_per_worker": 1, "processes": True,
+        "host": "127.0.0.1", "dashboard_address": None})
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -136,5 +239,7 @@ def flow_run_context(name: str, settings: RunSettings,
     tracker = open_tracker(settings.tracking_uri, settings.tracking)
     run_id = flow_run.get_id()
     with tracker.flow_run(name, params, run_id) as parent, \
-            tempfile.TemporaryDirectory(prefix=f"tailwise-{name}-") as scratch:
-        yield FlowRun(name, store, tracker, parent.run_id, run_id, settings, Path(scratch))
+            tempfile.TemporaryDirectory(prefix=f"tailwise-{name}-") as scratch, \
+            ExitStack() as resources:
+        yield FlowRun(name, store, tracker, parent.run_id, run_id, settings, Path(scratch),
+                      resources)

@@ -14,6 +14,7 @@ from prefect.schedules import Cron
 
 from flows.alpha_prune import alpha_prune
 from flows.demo import demo
+from flows.prune_sweep import prune_sweep
 from flows.spectral_audit import AuditParams, spectral_audit
 from flows.step_flow import step_deployments
 
@@ -27,6 +28,9 @@ def deployments() -> list[RunnerDeployment]:
         alpha_prune.to_deployment(
             name="alpha_prune", description="spectral -> allocate -> prune -> evaluate, "
             "AlphaPruning beside the uniform baseline.", **common),
+        prune_sweep.to_deployment(
+            name="prune_sweep", description="prune + evaluate at every sparsity x method by "
+            "one allocation policy, the cells in parallel (settings.executor).", **common),
         spectral_audit.to_deployment(
             name="nightly", schedule=Cron("0 3 * * *", timezone="UTC"),
             description="Nightly spectral audit; set `models` to your checkpoints.",

@@ -1,9 +1,9 @@
 """Audit a list of models (e.g. every checkpoint of a training run) and flag moving layers.
 
-Each model's spectrum is measured; consecutive models are compared layer by layer,
-and the first is compared with the last model of the previous audit of the same
-name (a store ref `audit/<name>`), so a nightly schedule reports what moved since
-last night.
+Each model's spectrum is measured (all at once on a parallel `settings.executor`);
+consecutive models are compared layer by layer, and the first is compared with the last
+model of the previous audit of the same name (a store ref `audit/<name>`), so a nightly
+schedule reports what moved since last night.
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ def spectral_audit(params: AuditParams, settings: RunSettings = RunSettings()) -
     with flow_run_context("spectral_audit", settings, params.model_dump()) as run:
         ref = f"audit/{params.name}"
         previous = run.store.get_ref(ref)
-        metrics = []
-        for index, model in enumerate(params.models):
-            result = run.step("spectral", {"estimator": params.estimator, "plots": False},
+        # Every model's spectrum at once (settings.executor), then every comparison at once.
+        spectra = [run.submit("spectral", {"estimator": params.estimator, "plots": False},
                               {"model": run.source(model, "model")}, label=f"spectral-{index}")
-            metrics.append(result.digests()["metrics"])
+                   for index, model in enumerate(params.models)]
+        metrics = [future.result().digests()["metrics"] for future in spectra]
         pairs = ([previous] if previous else []) + metrics
-        drifts = [run.step("drift", {"threshold": params.threshold},
-                           {"previous": before, "current": after}, label=f"drift-{index}")
-                  .digests()["drift"]
-                  for index, (before, after) in enumerate(pairwise(pairs))]
+        comparisons = [run.submit("drift", {"threshold": params.threshold},
+                                  {"previous": before, "current": after}, label=f"drift-{index}")
+                       for index, (before, after) in enumerate(pairwise(pairs))]
+        drifts = [future.result().digests()["drift"] for future in comparisons]
         run.store.set_ref(ref, metrics[-1])
         get_run_logger().info("audit %s: %d models, %d comparisons (previous audit: %s)",
                               params.name, len(metrics), len(drifts), previous or "none")

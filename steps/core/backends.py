@@ -65,11 +65,16 @@ def check_key(key: str) -> str:
     return key
 
 
+# What S3 servers answer a conditional put whose key exists (or is being written).
+EXISTS_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
 class Backend(Protocol):
     url: str
 
     def put_file(self, key: str, source: Path) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool: ...
     def get_file(self, key: str, dest: Path) -> str: ...
     def get_bytes(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
@@ -95,7 +100,8 @@ class LocalBackend:
             raise StoreError(f"artifact key {key!r} resolves outside the store {self.root}")
         return path
 
-    def _write_atomically(self, key: str, write) -> None:
+    def _write_atomically(self, key: str, write, *, overwrite: bool = True) -> bool:
+        """Write to a temp file, then move it into place; False if it existed and must stay."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
@@ -104,7 +110,16 @@ class LocalBackend:
                 write(out)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, path)
+            if overwrite:
+                os.replace(tmp, path)
+                return True
+            try:
+                os.link(tmp, path)  # atomic, and fails where the key already exists
+            except FileExistsError:
+                return False
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            return True
         except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
             if isinstance(exc, OSError):
@@ -120,6 +135,9 @@ class LocalBackend:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomically(key, lambda out: out.write(data))
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        return self._write_atomically(key, lambda out: out.write(data), overwrite=False)
 
     def get_file(self, key: str, dest: Path) -> str:
         try:
@@ -239,6 +257,22 @@ class S3Backend:
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call("upload", key, self.client.put_object, Bucket=self.bucket,
                    Key=self._key(key), Body=data)
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """A conditional put (If-None-Match: *). Servers that ignore the condition overwrite;
+        the store reads the object back, so both writers end up with what stayed."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                   IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in EXISTS_CODES:
+                return False
+            raise self._error("upload", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._error("upload", key, exc) from exc
+        return True
 
     def get_file(self, key: str, dest: Path) -> str:
         # Hashed on the way in: verifying costs no second read of the file.

@@ -175,8 +175,9 @@ class ArtifactStore:
         manifest = Manifest(digest=digest, kind=kind, media_type=media_type, size=size,
                             created_at=now(), name=path.name, files=files,
                             produced_by=produced_by)
-        self.backend.put_bytes(manifest_key(digest), manifest.to_json())
-        return manifest
+        # Two writers of one digest race here: the first manifest stays, and both get it.
+        self.backend.put_bytes_if_absent(manifest_key(digest), manifest.to_json())
+        return self._read_manifest(digest) or manifest
 
     @staticmethod
     def _scan_dir(root: Path) -> tuple[list[FileEntry], dict[str, Path]]:
