@@ -1,6 +1,6 @@
 """Benchmark: training with and without TempBalance (METHODS.md section 2), on 2 CPU cores.
 
-    .venv/bin/python bench/tempbalance.py [--quick] [--skip-sciml]
+    .venv/bin/python bench/tempbalance.py [--quick] [--skip-sciml] [--only cnn|sciml|nlp]
 
 1. From scratch: the tiny CNN (``build_model('cnn')``) on scikit-learn's digits, SGD
    (momentum 0.9, weight decay 5e-4) + per-epoch cosine, against the same + TempBalance
@@ -12,6 +12,14 @@
    2.5 % of the training set, Adam + cosine, alone, + TempBalance (linear rule) and
    + TB_Sigmoid (per layer, s = 1, hill k = 1.5), ESD every epoch: test nRMSE mean +- std
    over seeds. Every run takes the same number of optimiser steps, whatever the fraction.
+3. NLP, low-data fine-tuning (the TempBalance fine-tuning paper's setting, scaled to a CPU):
+   the pretrained MiniLM (all-MiniLM-L6-v2) with a new classification head, fully fine-tuned
+   on the offline ``fortunes`` task (4 categories) with 100 %, 10 % and 1 % of a capped
+   training split (400 examples, 32 tokens, batch 8), AdamW (lr 1e-4) + per-epoch cosine,
+   against the same + TB_Sigmoid (block means of hill alpha, k = 1.5, s = 1, ESD every 10
+   optimiser steps: the paper's min(100, steps_per_epoch / 10) degenerates to every step
+   on a few examples), 3 seeds: test accuracy mean +- std and the gain. Every run takes the
+   same number of optimiser steps (50), whatever the fraction.
 Settings were fixed before the first run; nothing is tuned for a gain.
 """
 
@@ -52,6 +60,23 @@ class Setting:
 
 FULL = Setting(seeds=5, cnn_epochs=30, sciml_seeds=3, sciml_steps=600, n_train=1000, n_test=200)
 QUICK = Setting(seeds=2, cnn_epochs=10, sciml_seeds=1, sciml_steps=200, n_train=400, n_test=100)
+
+
+@dataclass(frozen=True)
+class NlpSetting:
+    seeds: int
+    steps: int  # optimiser steps per run, any fraction
+    max_train: int  # training split capped (stratified) to this many examples
+    max_test: int
+    max_length: int
+    batch_size: int = 8
+    lr: float = 1e-4
+
+
+# 400 / 8 = 50 steps per epoch: 100 % runs 1 epoch, 10 % 10 epochs, 1 % (4 examples, one
+# per class) 50 epochs; 50 steps each. Sized for ~10 minutes on 2 free cores.
+NLP_FULL = NlpSetting(seeds=3, steps=50, max_train=400, max_test=200, max_length=32)
+NLP_QUICK = NlpSetting(seeds=2, steps=20, max_train=160, max_test=80, max_length=24)
 
 
 # --- 1. CNN on digits, from scratch -------------------------------------------------------
@@ -229,6 +254,61 @@ def bench_sciml(setting: Setting) -> None:
                   f"{100 * (errors.mean() / base - 1):>+7.2f}% {100 * share:>9.1f}%")  # fmt: skip
 
 
+# --- 3. NLP: low-data fine-tuning of a pretrained encoder --------------------------------
+
+
+def nlp_run(data, subset, test, setting: NlpSetting, seed: int, tb: bool) -> tuple:
+    """(test accuracy, training seconds, ESD seconds) of one MiniLM fine-tuning run."""
+    from steps.core.pretrained import minilm_dir
+    from steps.finetune import hf
+
+    texts, labels = data.split("train")
+    train_split = ([texts[i] for i in subset.indices], labels[subset.indices])
+    steps_per_epoch = math.ceil(len(subset.indices) / setting.batch_size)
+    config = hf.FinetuneConfig(
+        epochs=math.ceil(setting.steps / steps_per_epoch), batch_size=setting.batch_size,
+        lr=setting.lr, optimizer="adamw", tempbalance="sigmoid" if tb else "none",
+        tb_every_steps=10, max_length=setting.max_length, seed=seed)
+    model, tokenizer, _ = hf.load_classifier(minilm_dir(), data.labels, seed=seed)
+    view, groups = hf.balance_view(model, config.lr) if tb else (None, hf.plain_groups(
+        model, config.lr))
+    result = hf.finetune(model, tokenizer, view, groups, train_split, None, config)
+    _, accuracy = hf.evaluate_classifier(model, hf.encode(tokenizer, test, config.max_length))
+    return accuracy, result.train_seconds, result.tempbalance_seconds
+
+
+def bench_nlp(setting: NlpSetting) -> None:
+    from steps.finetune.text import build_dataset, low_data_subset, read_dataset, write_jsonl
+
+    start = time.perf_counter()
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "tailwise-bench-fortunes.jsonl"
+    data = read_dataset(write_jsonl(build_dataset("fortunes"), scratch))
+    test_texts, test_labels = data.split("test")
+    keep = low_data_indices(test_labels, min(1.0, setting.max_test / len(test_labels)), seed=0)
+    test = ([test_texts[i] for i in keep], test_labels[keep])
+    print(f"\n3. MiniLM fine-tuning on fortunes ({', '.join(data.labels)}): train split "
+          f"{len(data.split('train')[1])} capped to {setting.max_train}, {len(keep)} test, "
+          f"max_length {setting.max_length}, batch {setting.batch_size}, AdamW lr "
+          f"{setting.lr:g} + cosine, {setting.steps} steps per run, {setting.seeds} seeds "
+          f"(data ready in {time.perf_counter() - start:.0f} s)")  # fmt: skip
+    print(f"   {'data':>6} {'samples':>7}  {'FT':>17} {'FT + TB_Sigmoid':>17} {'gain':>7} "
+          f"{'ESD share':>10}")  # fmt: skip
+    for fraction in (1.0, 0.1, 0.01):
+        arms = {}
+        for tb in (False, True):
+            runs = []
+            for seed in range(setting.seeds):
+                subset = low_data_subset(data, fraction, seed, max_examples=setting.max_train)
+                runs.append(nlp_run(data, subset, test, setting, seed, tb))
+            arms[tb] = np.array(runs)
+        base, balanced = arms[False][:, 0], arms[True][:, 0]
+        share = arms[True][:, 2].sum() / arms[True][:, 1].sum()
+        print(f"   {fraction:>6.1%} {len(subset.indices):>7}  {_mean_std(base):>17} "
+              f"{_mean_std(balanced):>17} {100 * (balanced.mean() - base.mean()):>+6.2f}p "
+              f"{100 * share:>9.1f}%", flush=True)  # fmt: skip
+    print(f"   NLP section: {time.perf_counter() - start:.0f} s")
+
+
 def _mean_std(values: np.ndarray) -> str:
     spread = values.std(ddof=1) if len(values) > 1 else float("nan")
     return f"{values.mean():.4f} +- {spread:.4f}"
@@ -238,16 +318,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds, epochs and samples")
     parser.add_argument("--skip-sciml", action="store_true")
+    parser.add_argument("--only", choices=("cnn", "sciml", "nlp"), help="run one section")
     args = parser.parse_args()
     setting = QUICK if args.quick else FULL
+    sections = {args.only} if args.only else {"cnn", "nlp"} | (
+        set() if args.skip_sciml else {"sciml"})
     torch.set_num_threads(THREADS)
     print(f"cpu cores: {os.cpu_count()}  threads: {THREADS}  torch {torch.__version__}  "
           f"numpy {np.__version__}  {'quick' if args.quick else 'full'} run")  # fmt: skip
     start = time.perf_counter()
     with threadpool_limits(limits=THREADS):
-        bench_cnn(setting)
-        if not args.skip_sciml:
+        if "cnn" in sections:
+            bench_cnn(setting)
+        if "sciml" in sections:
             bench_sciml(setting)
+        if "nlp" in sections:
+            bench_nlp(NLP_QUICK if args.quick else NLP_FULL)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

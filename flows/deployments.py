@@ -14,6 +14,8 @@ from prefect.schedules import Cron
 
 from flows.alpha_prune import alpha_prune
 from flows.demo import demo
+from flows.finetune import alphalora_finetune, tempbalance_finetune
+from flows.model_zoo import model_zoo
 from flows.prune_sweep import prune_sweep
 from flows.spectral_audit import AuditParams, spectral_audit
 from flows.step_flow import step_deployments
@@ -31,6 +33,16 @@ def deployments() -> list[RunnerDeployment]:
         prune_sweep.to_deployment(
             name="prune_sweep", description="prune + evaluate at every sparsity x method by "
             "one allocation policy, the cells in parallel (settings.executor).", **common),
+        tempbalance_finetune.to_deployment(
+            name="tempbalance_finetune", description="spectral -> allocate -> finetune with "
+            "TempBalance, beside the plain fine-tune.", **common),
+        alphalora_finetune.to_deployment(
+            name="alphalora_finetune", description="spectral -> allocate (experts) -> "
+            "finetune with AlphaLoRA experts, beside the same budget spread uniformly.",
+            **common),
+        model_zoo.to_deployment(
+            name="model_zoo", description="Train a grid of small models, measure their loss "
+            "landscapes, fit the MD tree and report its transfer accuracy.", **common),
         spectral_audit.to_deployment(
             name="nightly", schedule=Cron("0 3 * * *", timezone="UTC"),
             description="Nightly spectral audit; set `models` to your checkpoints.",

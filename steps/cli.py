@@ -257,12 +257,7 @@ def allocate(
     """Turn per-layer metrics into per-layer decisions: sparsity, lr factor or LoRA experts."""
     options = {k: v for k, v in (("sparsity", sparsity), ("epsilon", epsilon),
                                  ("metric", metric), ("mode", mode)) if v is not None}
-    for item in option or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise TailwiseError(f"--option {item!r}: expected KEY=VALUE")
-        options[key] = json.loads(value) if re.fullmatch(r"[-+\d.eE]+|true|false", value) \
-            else value
+    options |= key_values(option)
     the_store = open_store(store)
     params = {"policy": policy, "options": options}
     inputs = {"metrics": input_ref(the_store, metrics, "metrics")}
@@ -339,6 +334,144 @@ def evaluate(
     evaluation = read_output(the_store, result.outputs["evaluation"].digest)
     for key, value in evaluation.to_pylist()[0].items():
         console.print(f"{key:>16}: {value}")
+
+
+BUILT_IN_MODELS = ("tiny-gpt2", "tiny-llama", "minilm", "smollm2")
+BUILT_IN_DATA = ("fortunes", "kjv-testament")
+
+
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Argument(
+        help="HF encoder or causal LM directory, artifact digest, or a built-in name "
+        f"({', '.join(BUILT_IN_MODELS)}).")],
+    data: Annotated[str, typer.Option(
+        help="Text-classification JSONL (text, label [, split] per line), a digest, or a "
+        f"built-in set ({', '.join(BUILT_IN_DATA)}).")],
+    fraction: Annotated[float, typer.Option(
+        help="Share of the training split to use (seeded, stratified).")] = 1.0,
+    tempbalance: Annotated[str, typer.Option(
+        help="none, linear (TB) or sigmoid (TB_Sigmoid, the low-data fine-tuning rule).")
+    ] = "none",
+    lora: Annotated[int | None, typer.Option(help="LoRA rank r [default: full fine-tuning].")
+                    ] = None,
+    experts: Annotated[str | None, typer.Option(
+        help="AlphaLoRA: a decisions table with an experts column (tailwise allocate "
+        "--policy alphalora), or a digest.")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of subset, head, shuffling, dropout.")] = 0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
+    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
+    max_train_examples: Annotated[int | None, typer.Option(
+        help="Cap the training split before taking the fraction.")] = None,
+    max_eval_examples: Annotated[int | None, typer.Option(
+        help="Cap validation and test.")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-o", help="Any other step param as KEY=VALUE (repeatable), e.g. "
+        "-o tb_low=0.7 -o weight_decay=0.01.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    output: Annotated[Path | None, typer.Option(
+        help="Write the fine-tuned model (and adapter, history, metrics) here.")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Fine-tune a text classifier: full or LoRA, optional TempBalance, on a low-data subset."""
+    params = {"fraction": fraction, "tempbalance": tempbalance, "lora": lora, "epochs": epochs,
+              "seed": seed, "lr": lr, "optimizer": optimizer, "batch_size": batch_size,
+              "max_length": max_length, "max_train_examples": max_train_examples,
+              "max_eval_examples": max_eval_examples, "device": device}
+    params |= key_values(option)
+    from steps.core.registry import load_step
+
+    load_step("finetune").validate(params)  # bad params fail before anything is stored
+    the_store = open_store(store)
+    if model in BUILT_IN_MODELS and not Path(model).exists():
+        _, built = run_and_report("build_model", {"name": model}, {}, store)
+        inputs = {"model": built.outputs["model"].digest}
+    else:
+        inputs = {"model": input_ref(the_store, model, "model")}
+    if data in BUILT_IN_DATA and not Path(data).exists():
+        params["dataset"] = data
+    else:
+        inputs["data"] = input_ref(the_store, data, "text-classification")
+    if experts:
+        inputs["experts"] = input_ref(the_store, experts, "decisions")
+    _, result = run_and_report("finetune", params, inputs, store)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = the_store.get(result.outputs["metrics"].digest, Path(scratch) / "metrics.json")
+        for key, value in json.loads(path.read_text()).items():
+            console.print(f"{key:>16}: {value:.4f}" if isinstance(value, float)
+                          else f"{key:>16}: {value}")
+    if output:
+        for name in ("model", "adapter", "history", "metrics", "subset", "plots"):
+            if name in result.outputs:
+                suffix = {"history": ".parquet", "metrics": ".json", "subset": ".json"}
+                dest = output / f"{name}{suffix.get(name, '')}"
+                if name == "adapter" and not result.outputs[name].is_dir:
+                    dest = output / "adapter.safetensors"
+                the_store.get(result.outputs[name].digest, dest)
+        console.print(f"written to {output}")
+
+
+def key_values(items: list[str] | None) -> dict:
+    """KEY=VALUE options; numbers and true/false become JSON values."""
+    values = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TailwiseError(f"--option {item!r}: expected KEY=VALUE")
+        values[key] = json.loads(value) if re.fullmatch(r"[-+\d.eE]+|true|false|null", value) \
+            else value
+    return values
+
+
+@app.command()
+def diagnose(
+    model: Annotated[str, typer.Argument(
+        help="Trained plain model (mlp / cnn) directory or artifact digest.")],
+    data: Annotated[str, typer.Option(
+        help="The scikit-learn set it was trained on: digits, iris, wine, breast_cancer.")
+    ] = "digits",
+    model_b: Annotated[str | None, typer.Option(
+        help="The same configuration trained from another seed: connectivity and CKA.")
+    ] = None,
+    tree: Annotated[str | None, typer.Option(
+        help="A fitted MD tree (JSON file or digest, e.g. from the model_zoo flow).")] = None,
+    question: Annotated[str | None, typer.Option(
+        help="bs_failure, width_vs_batch or data_vs_batch (checked against the tree).")
+    ] = None,
+    fraction: Annotated[float, typer.Option(
+        help="Share of the training split the model was trained on.")] = 1.0,
+    data_seed: Annotated[int, typer.Option(help="Seed of that training subset.")] = 0,
+    trace_probes: Annotated[int, typer.Option(help="Hutchinson probes.")] = 32,
+    curve_epochs: Annotated[int, typer.Option(help="Epochs training the Bezier bend.")] = 10,
+    store: StoreOption = None,
+) -> None:
+    """Loss-landscape features of a trained classifier and, with a tree, its diagnosis."""
+    the_store = open_store(store)
+    inputs = {"model": input_ref(the_store, model, "model")}
+    if model_b:
+        inputs["model_b"] = input_ref(the_store, model_b, "model")
+    if tree:
+        inputs["tree"] = input_ref(the_store, tree, "md-tree")
+    params = {"dataset": data, "question": question, "fraction": fraction,
+              "data_seed": data_seed, "trace_probes": trace_probes,
+              "curve_epochs": curve_epochs}
+    _, result = run_and_report("diagnose", params, inputs, store)
+    if "diagnosis" not in result.outputs:
+        features = read_output(the_store, result.outputs["features"].digest)
+        for key, value in features.to_pylist()[0].items():
+            console.print(f"{key:>24}: {value}")
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        found = json.loads(the_store.get(result.outputs["diagnosis"].digest,
+                                         Path(scratch) / "diagnosis.json").read_text())
+    console.print(f"{found['question']}: [bold]{found['answer']}[/bold]")
+    for step in found["path"]:
+        console.print(f"  {step['text']}")
+    for key, value in found["features"].items():
+        console.print(f"{key:>24}: {value}")
 
 
 @app.command()

@@ -199,14 +199,14 @@ def load_hf_model(path: str | os.PathLike[str]) -> torch.nn.Module:
         architectures = config.architectures if isinstance(config.architectures, list) else []
     except Exception as exc:  # not JSON, unknown model_type, invalid fields, absurd nesting
         raise ModelLoadError(f"cannot load model from {model_dir}: config.json: "
-                             f"{_first_line(exc)}") from exc
+                             f"{first_line(exc)}") from exc
     auto_cls = AutoModelForCausalLM if _is_causal_lm(architectures) else AutoModel
     has_safetensors = any(model_dir.glob("*.safetensors"))
     pattern = "*.safetensors" if has_safetensors else "pytorch_model*.bin"
     weight_files = list(model_dir.glob(pattern))
     if not weight_files:
         raise ModelLoadError(f"model path {model_dir} has no *.safetensors weights")
-    _check_declared_size(model_dir, auto_cls, config, sum(f.stat().st_size for f in weight_files))
+    check_declared_size(model_dir, auto_cls, config, sum(f.stat().st_size for f in weight_files))
     try:
         model = auto_cls.from_pretrained(
             model_dir,
@@ -217,15 +217,15 @@ def load_hf_model(path: str | os.PathLike[str]) -> torch.nn.Module:
         )
     except Exception as exc:  # safetensors/torch/transformers raise many kinds; name the input
         # One line: the CLI prints it as is, and library messages run over many lines.
-        raise ModelLoadError(f"cannot load model from {model_dir}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load model from {model_dir}: {first_line(exc)}") from exc
     return model.eval()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _check_declared_size(model_dir: Path, auto_cls, config, weight_bytes: int) -> None:
+def check_declared_size(model_dir: Path, auto_cls, config, weight_bytes: int) -> None:
     """Refuse a config that declares far more parameters than the weight files can hold.
 
     transformers initialises the parameters a checkpoint lacks, so a config.json declaring a
@@ -238,7 +238,7 @@ def _check_declared_size(model_dir: Path, auto_cls, config, weight_bytes: int) -
             declared = sum(p.numel() for p in auto_cls.from_config(config).parameters())
     except Exception as exc:
         raise ModelLoadError(f"cannot load model from {model_dir}: config.json: "
-                             f"{_first_line(exc)}") from exc
+                             f"{first_line(exc)}") from exc
     if declared > 2 * weight_bytes + (1 << 22):
         raise ModelLoadError(f"cannot load model from {model_dir}: config.json declares "
                              f"{declared:,} parameters but the weight files hold only "

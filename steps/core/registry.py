@@ -8,7 +8,7 @@ from steps.core.errors import ParamsError
 from steps.core.step import Step
 
 STEP_NAMES = ("build_model", "build_text", "spectral", "allocate", "prune", "evaluate",
-              "drift")
+              "drift", "finetune", "diagnose")
 
 
 def load_step(name: str) -> Step:

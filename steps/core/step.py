@@ -44,8 +44,9 @@ class StepContext:
     input_digests: dict[str, str] = field(default_factory=dict)
     progress: bool = False
 
-    def log_metrics(self, metrics: Mapping[str, float]) -> None:
-        self.run.log_metrics(metrics)
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record metrics on the step's MLflow run (``step``: e.g. the epoch)."""
+        self.run.log_metrics(metrics, step)
 
     def log_file(self, path: Path, folder: str | None = None) -> None:
         """Attach a small file (plot, table) to the step's MLflow run."""

@@ -299,7 +299,8 @@ def _predict(node: Leaf | Split, values: Mapping[str, np.ndarray],
 
 
 def fit_mdtree(data: Columns, labels: ArrayLike, shape: str = "bs_failure",
-               features: Mapping[str, str] | None = None) -> MDTree:
+               features: Mapping[str, str] | None = None,
+               bounds: Literal["reference", "data"] = "reference") -> MDTree:
     """Fit the thresholds of ``shape`` to maximise training accuracy on ``data``.
 
     From the shape's initial thresholds, each threshold in turn (the others held) is set by a
@@ -307,18 +308,37 @@ def fit_mdtree(data: Columns, labels: ArrayLike, shape: str = "bs_failure",
     Accuracy is a step function of a threshold, so the search settles on some plateau, not
     always the best one: fitted thresholds vary a lot with the training sample.
     ``features`` overrides the column of some roles (role -> column, see DEFAULT_FEATURES).
+    ``bounds``: "reference", the ranges fitted on ResNet-18 / CIFAR-10 (as the reference
+    code); "data", each threshold searched over its feature's range in ``data``, started at
+    its median (for other model families, whose train errors and traces lie elsewhere).
     """
     tree = MDTree(shape, SHAPES[shape].initial, {**DEFAULT_FEATURES, **(features or {})})
     values = {r: _column(data, c).astype(float) for r, c in tree.features.items()}
     y = np.asarray(labels)
     thresholds = list(tree.thresholds)
-    for i, bounds in enumerate(SHAPES[shape].bounds):
+    ranges = SHAPES[shape].bounds
+    if bounds == "data":
+        thresholds, ranges = _data_ranges(values, SHAPES[shape].threshold_roles)
+    for i, bounds in enumerate(ranges):
         def loss(t: float, i: int = i) -> float:
             trial = thresholds[:i] + [t] + thresholds[i + 1:]
             return -float(np.mean(_predict(SHAPES[shape].root, values, trial) == y))
 
         thresholds[i] = float(minimize_scalar(loss, bounds=bounds, method="bounded").x)
     return MDTree(shape, tuple(thresholds), tree.features)
+
+
+def _data_ranges(values: Mapping[str, np.ndarray], roles: Sequence[str]
+                 ) -> tuple[list[float], list[tuple[float, float]]]:
+    """Per threshold: its feature's median (the start) and (min, max) over the data."""
+    starts, ranges = [], []
+    for role in roles:
+        column = values[role][np.isfinite(values[role])]
+        if column.size == 0:
+            raise ValueError(f"MD tree: no finite values of the {role} feature to fit on")
+        starts.append(float(np.median(column)))
+        ranges.append((float(column.min()), float(column.max())))
+    return starts, ranges
 
 
 # --- baselines ---------------------------------------------------------------------------------

@@ -207,3 +207,21 @@ def test_dataset_transfer_q2b_beats_the_baselines(clean, noisy):
     result = evaluate_case(CASES["q2b_dataset_transfer"], clean, noisy)  # no published number
     assert _mean(result, "md_tree") > max(_mean(result, m) + 5 for m in
                                           ("validation_tree", "hyperparameter_tree", "majority"))
+
+
+def test_data_bounds_fit_a_family_outside_the_reference_ranges():
+    """Train errors of 5-40 % and log traces of 0-3: the reference ranges cannot split them."""
+    rng = np.random.default_rng(0)
+    n = 200
+    train_error = rng.uniform(5, 40, n)
+    connectivity = rng.uniform(-30, 0, n)
+    sharpness = rng.uniform(0, 3, n)
+    labels = np.where(train_error <= 12, "small",
+                      np.where(connectivity > -10, "large",
+                               np.where(sharpness > 1.5, "small", "large")))
+    data = {"train_error": train_error, "mode_connectivity_peak": connectivity,
+            "hessian_t": sharpness}
+    reference = fit_mdtree(data, labels)
+    fitted = fit_mdtree(data, labels, bounds="data")
+    assert np.mean(fitted.predict(data) == labels) > 0.9
+    assert np.mean(fitted.predict(data) == labels) > np.mean(reference.predict(data) == labels)

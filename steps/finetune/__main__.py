@@ -1,0 +1,6 @@
+import sys
+
+from steps.core.main import step_main
+from steps.finetune.step import STEP
+
+sys.exit(step_main(STEP))

@@ -1,0 +1,614 @@
+"""Fine-tuning an HF model directory as a text classifier: full or LoRA, with TempBalance,
+checkpointed every epoch so that an interrupted run resumes where it stopped.
+
+    model, tokenizer, heads = load_classifier(model_dir, labels, seed=0)
+    model = add_lora(model, r=8, heads=heads)                  # or keep it for full FT
+    view, groups = balance_view(model, config.lr)              # what TempBalance sees
+    result = finetune(model, tokenizer, view, groups, train, val, config,
+                      checkpoint_dir=Path("ckpt"))
+
+Encoders (BERT, MiniLM, RoBERTa) and causal LMs (LLaMA, GPT-2) both load with
+AutoModelForSequenceClassification: a causal LM's body is kept, its LM head dropped and a
+classification head ("score") added; the new head's weights are the loading's "missing
+keys", and that is how the head is found for any architecture.
+
+TempBalance and LoRA. The balanced layers are the Linear / Conv1D layers of the repeated
+blocks (attention and MLP); everything else (embeddings, norms outside blocks, pooler,
+head) shares one group with lr factor 1. With LoRA, each adapted layer's alpha is measured
+on its *effective* weight W0 + scale * B A and the factor is applied to that layer's LoRA
+matrices A and B. A LoRA delta alone has rank r, i.e. r non-zero eigenvalues: far below the
+50 that TempBalance needs for a power-law fit, whereas the effective weight is the matrix the
+model computes with, whose spectrum HT-SR and the TempBalance fine-tuning paper measure.
+
+Checkpoints (``checkpoint_dir/epoch-N``) hold the trainable parameters and buffers, the
+optimiser and RNG tensors (safetensors) and everything else as JSON: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from steps.allocate.layers import BLOCK_PATTERN
+from steps.core.errors import TailwiseError
+from steps.core.pretrained import ModelLoadError, check_declared_size, first_line
+from steps.core.weights import module_layer_type
+from steps.finetune.tempbalance import TempBalance, TempBalanceRecord, sigmoid_interval
+from steps.finetune.train import weighted_mean
+
+__all__ = [
+    "EpochRecord",
+    "FinetuneConfig",
+    "FinetuneError",
+    "FinetuneResult",
+    "add_lora",
+    "balance_view",
+    "evaluate_classifier",
+    "finetune",
+    "load_classifier",
+    "save_outputs",
+]
+
+REST_GROUP = "rest"  # not a layer name: see balance_view
+
+
+class FinetuneError(TailwiseError, ValueError):
+    """Fine-tuning cannot run with this model, data or checkpoint."""
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def load_classifier(model_dir: Path, labels: tuple[str, ...], *, seed: int = 0):
+    """(model, tokenizer, head module names) for sequence classification over ``labels``.
+
+    The new head is initialised from ``seed`` (the global RNG is left as it was).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"model path {model_dir} has no config.json (expected an HF "
+                             "model directory)")
+    if not any(model_dir.glob("*.safetensors")):
+        raise ModelLoadError(f"model path {model_dir} has no *.safetensors weights")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:  # many kinds; name the input in one line
+        raise ModelLoadError(f"model path {model_dir}: no usable tokenizer "
+                             f"({first_line(exc)})") from exc
+    if tokenizer.pad_token is None:  # GPT-2 style: pad with end-of-text
+        tokenizer.pad_token = tokenizer.eos_token
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    config.pad_token_id = tokenizer.pad_token_id
+    weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    check_declared_size(model_dir, AutoModelForSequenceClassification, config, weight_bytes)
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(seed)
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, config=config, local_files_only=True, use_safetensors=True,
+                dtype=torch.float32, output_loading_info=True)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {model_dir} as a sequence classifier: "
+                                 f"{first_line(exc)}") from exc
+    heads = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    if not heads:
+        raise FinetuneError(f"{model_dir} already has a classification head; fine-tune an "
+                            "encoder or causal LM directory")
+    return model, tokenizer, heads
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No load report on stdout: its missing / unexpected keys are expected for a new head."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+
+
+def add_lora(model: nn.Module, r: int, heads: list[str], *, lora_alpha: float | None = None,
+             dropout: float = 0.0):
+    """Wrap with PEFT LoRA on every Linear / Conv1D of the repeated blocks; heads trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [name for name, module in model.named_modules()
+               if module_layer_type(module) in ("linear", "conv1d")
+               and BLOCK_PATTERN.search(name) and not _under(name, heads)]
+    if not targets:
+        raise FinetuneError(f"{type(model).__name__}: no Linear layer inside repeated blocks "
+                            "(layers.N, layer.N, h.N, blocks.N) to put LoRA on")
+    config = LoraConfig(r=r, lora_alpha=lora_alpha if lora_alpha is not None else 2 * r,
+                        lora_dropout=dropout, target_modules=targets,
+                        modules_to_save=list(heads), fan_in_fan_out=_is_conv1d(model, targets))
+    return get_peft_model(model, config)
+
+
+def _is_conv1d(model: nn.Module, targets: list[str]) -> bool:
+    kinds = {type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets}
+    return kinds == {True}
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+# ------------------------------------------------------------- what TempBalance sees
+
+
+class _EffectiveLinear(nn.Linear):
+    """A LoRA layer seen as one Linear whose weight is W0 + scale * B A (out, in), detached.
+
+    The LoRA layer is kept outside the module tree, so the view lists this matrix only.
+    """
+
+    def __init__(self, lora_layer: nn.Module):
+        nn.Module.__init__(self)
+        object.__setattr__(self, "_lora", lora_layer)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        with torch.no_grad():
+            base = self._lora.get_base_layer()
+            delta = sum(self._lora.get_delta_weight(a) for a in self._lora.active_adapters)
+            weight = base.weight + delta
+            return (weight.T if type(base).__name__ == "Conv1D" else weight).detach()
+
+
+def balance_view(model: nn.Module, lr: float) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """(view, param groups): the modules TempBalance measures, and one group per block layer.
+
+    The view lists, in model order: the first layer of the model, every block layer with
+    trainable weights (a LoRA layer as its effective weight), and the last layer; TempBalance
+    leaves its first and last layer out, so it balances exactly the block layers. Trainable
+    parameters of a block that are not a layer (norms) follow the block layer before them;
+    all trainable parameters outside the blocks go to one group named after the last layer
+    (factor 1). Names drop PEFT's wrappers ("base_model.model.", ".modules_to_save.default").
+    """
+    layers: list[tuple[str, nn.Module]] = []  # every layer: the first and last go in the view
+    entries: list[tuple[str, nn.Module]] = []  # block layers with trainable weights
+    groups: list[dict[str, Any]] = []
+    rest: list[nn.Parameter] = []
+    seen: set[int] = set()
+    hidden: list[str] = []  # PEFT internals under a LoRA layer or a frozen original module
+    for raw_name, module in model.named_modules():
+        if _under(raw_name, hidden):
+            continue
+        name = _clean_name(raw_name)
+        if hasattr(module, "get_delta_weight") and hasattr(module, "lora_A"):
+            hidden.append(raw_name)
+            params = _fresh(module.parameters(), seen)
+            layers.append((name, _EffectiveLinear(module)))
+            if params:
+                entries.append(layers[-1])
+                groups.append(_group(name, params, lr))
+            continue
+        if raw_name.endswith(".original_module"):
+            hidden.append(raw_name)
+            continue
+        params = _fresh(module.parameters(recurse=False), seen)
+        in_block = BLOCK_PATTERN.search(name) is not None
+        if module_layer_type(module) is not None:
+            layers.append((name, module))
+            if in_block and params:
+                entries.append(layers[-1])
+                groups.append(_group(name, params, lr))
+                continue
+        if in_block and groups and _same_block(groups[-1]["name"], name):
+            groups[-1]["params"].extend(params)
+        else:
+            rest.extend(params)
+    if not groups:
+        raise FinetuneError(f"{type(model).__name__}: no trainable layer inside repeated blocks "
+                            "to balance (TempBalance needs layers.N / layer.N / h.N names)")
+    (first, _), (last, _) = layers[0], layers[-1]
+    if BLOCK_PATTERN.search(first) or BLOCK_PATTERN.search(last):
+        raise FinetuneError(f"{type(model).__name__}: the first and last layers ({first!r}, "
+                            f"{last!r}) must be outside the blocks (an embedding, a head)")
+    if rest:
+        groups.append(_group(last, rest, lr))
+    return _tree([layers[0], *entries, layers[-1]]), groups
+
+
+def plain_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    """All trainable parameters in one group (no TempBalance)."""
+    return [_group(REST_GROUP, [p for p in model.parameters() if p.requires_grad], lr)]
+
+
+def _fresh(params, seen: set[int]) -> list[nn.Parameter]:
+    out = [p for p in params if p.requires_grad and id(p) not in seen]
+    seen.update(id(p) for p in out)
+    return out
+
+
+def _group(name: str, params: list[nn.Parameter], lr: float) -> dict[str, Any]:
+    return {"params": params, "lr": lr, "name": name}
+
+
+def _same_block(a: str, b: str) -> bool:
+    ma, mb = BLOCK_PATTERN.search(a), BLOCK_PATTERN.search(b)
+    return bool(ma and mb and a[: ma.end()] == b[: mb.end()])
+
+
+def _clean_name(name: str) -> str:
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".modules_to_save.default", "")
+
+
+def _tree(entries: list[tuple[str, nn.Module]]) -> nn.Module:
+    """A module tree whose named_modules() lists the entries under their dotted names."""
+    root = nn.Module()
+    for name, module in entries:
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, module)
+    return root
+
+
+# ------------------------------------------------------------------------ training
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 2e-5
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    weight_decay: float = 0.0
+    tempbalance: Literal["none", "linear", "sigmoid"] = "none"
+    tb_low: float = 0.5  # linear rule: factor range
+    tb_high: float = 1.5
+    tb_scale: float = 1.0  # sigmoid rule: s (factors span 10^(+-s/2))
+    tb_every_steps: int | None = None  # None: per epoch (linear), TB_Sigmoid's K (sigmoid)
+    max_length: int = 128
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class EpochRecord:
+    """One epoch's losses and, per balanced layer, the last alpha / lr factor / lr used."""
+
+    epoch: int  # 0 = the initial state (alphas from the initial weights), then 1..epochs
+    train_loss: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    alphas: dict[str, float] = field(default_factory=dict)
+    factors: dict[str, float] = field(default_factory=dict)
+    lrs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FinetuneResult:
+    records: list[EpochRecord]
+    resumed_from: int  # last completed epoch found in the checkpoint directory (0: fresh)
+    train_seconds: float
+    tempbalance_seconds: float
+
+
+EpochCallback = Callable[[EpochRecord], None]
+Split = tuple[list[str], np.ndarray]
+
+
+def finetune(model: nn.Module, tokenizer, view: nn.Module | None, groups: list[dict[str, Any]],
+             train: Split, val: Split | None, config: FinetuneConfig, *,
+             checkpoint_dir: Path | None = None, on_epoch: EpochCallback | None = None,
+             resume_from: Path | None = None) -> FinetuneResult:
+    """Train ``model`` in place; checkpoint after every epoch; resume from the last one.
+
+    view / groups: from ``balance_view`` (TempBalance) or (None, ``plain_groups``).
+    checkpoint_dir: where ``epoch-N`` checkpoints go; an existing one is resumed from.
+    resume_from: a checkpoint directory to start from instead (e.g. one given as an input).
+    on_epoch: called after each epoch is checkpointed (a raise there leaves the checkpoint).
+    """
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model.to(config.device)
+    optimizer = _optimizer(groups, config)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
+    train_batches = encode(tokenizer, train, config.max_length)
+    val_batches = encode(tokenizer, val, config.max_length) if val is not None else None
+    steps_per_epoch = math.ceil(len(train[1]) / config.batch_size)
+    tb = _tempbalance(view, optimizer, scheduler, config, steps_per_epoch)
+
+    records: list[EpochRecord] = []
+    found = resume_from or (latest_checkpoint(checkpoint_dir) if checkpoint_dir else None)
+    start = time.perf_counter()
+    if found is not None:
+        records = restore_checkpoint(found, model, optimizer, scheduler, tb, generator, config)
+    else:
+        if tb is not None:
+            tb.step()
+        records.append(_record(0, None, None, None, tb, optimizer))
+    resumed_from = records[-1].epoch
+    for epoch in range(resumed_from + 1, config.epochs + 1):
+        model.train()
+        per_step = tb if tb is not None and tb.every_steps is not None else None
+        order = torch.randperm(len(train[1]), generator=generator)
+        losses = [_train_batch(model, optimizer, train_batches, idx, config.device, per_step)
+                  for idx in order.split(config.batch_size)]
+        scheduler.step()
+        if tb is not None and per_step is None:
+            tb.step()
+        train_loss = weighted_mean(losses)
+        val_loss = val_accuracy = None
+        if val_batches is not None:
+            val_loss, val_accuracy = evaluate_classifier(model, val_batches, config.device)
+        records.append(_record(epoch, train_loss, val_loss, val_accuracy, tb, optimizer))
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, epoch, records, model, optimizer, scheduler, tb,
+                            generator, config)
+        if on_epoch is not None:
+            on_epoch(records[-1])
+    return FinetuneResult(records, resumed_from, time.perf_counter() - start,
+                          tb.esd_seconds if tb is not None else 0.0)
+
+
+def _optimizer(groups: list[dict[str, Any]], config: FinetuneConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _tempbalance(view, optimizer, scheduler, config: FinetuneConfig,
+                 steps_per_epoch: int) -> TempBalance | None:
+    if config.tempbalance == "none":
+        return None
+    every = config.tb_every_steps
+    if every is None and config.tempbalance == "sigmoid":
+        every = sigmoid_interval(steps_per_epoch)
+    return TempBalance(view, optimizer, scheduler=scheduler, rule=config.tempbalance,
+                       lr_range=(config.tb_low, config.tb_high), scale=config.tb_scale,
+                       every_steps=every, device=config.device)
+
+
+def _record(epoch: int, train_loss, val_loss, val_accuracy, tb: TempBalance | None,
+            optimizer: torch.optim.Optimizer) -> EpochRecord:
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    if tb is None or not tb.history:
+        return EpochRecord(epoch, train_loss, val_loss, val_accuracy, lrs=lrs)
+    last: TempBalanceRecord = tb.history[-1]
+    balanced = [n for n, keep in zip(tb.layers, tb.included, strict=True) if keep and n in lrs]
+    return EpochRecord(epoch, train_loss, val_loss, val_accuracy,
+                       alphas={n: last.alphas[n] for n in balanced},
+                       factors={n: last.factors[n] for n in balanced},
+                       lrs={n: lrs[n] for n in balanced})
+
+
+# ---------------------------------------------------------------- batches and eval
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[list[int]]
+    labels: torch.Tensor
+    pad_id: int
+
+
+def encode(tokenizer, split: Split, max_length: int) -> Encoded:
+    """Token ids of every text (the model's own tokenizer, truncated), and the labels."""
+    texts, labels = split
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(ids, torch.as_tensor(labels, dtype=torch.long), int(tokenizer.pad_token_id))
+
+
+def _collate(data: Encoded, idx: torch.Tensor, device: str) -> tuple[dict, torch.Tensor]:
+    """Right-padded ids and attention mask of the chosen examples (padded to the longest)."""
+    rows = [data.ids[i] for i in idx.tolist()]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), data.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(row)
+        mask[i, : len(row)] = 1
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    return batch, data.labels[idx].to(device)
+
+
+def _train_batch(model, optimizer, data: Encoded, idx: torch.Tensor, device: str,
+                 tb: TempBalance | None) -> tuple[float, int]:
+    batch, labels = _collate(data, idx, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(**batch).logits, labels)
+    loss.backward()
+    optimizer.step()
+    if tb is not None:
+        tb.step()
+    return float(loss.detach()), len(idx)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, data: Encoded, device: str = "cpu",
+                        batch_size: int = 64) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over the encoded examples."""
+    model.eval()
+    losses, hits = [], []
+    for idx in torch.arange(len(data.labels)).split(batch_size):
+        batch, labels = _collate(data, idx, device)
+        logits = model(**batch).logits
+        losses.append((float(nn.functional.cross_entropy(logits, labels)), len(idx)))
+        hits.append((float((logits.argmax(-1) == labels).float().mean()), len(idx)))
+    return weighted_mean(losses), weighted_mean(hits)
+
+
+
+
+# --------------------------------------------------------------------- checkpoints
+
+_TENSORS = "tensors.safetensors"
+_STATE = "state.json"  # written last: a checkpoint without it is incomplete
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The complete ``epoch-N`` checkpoint with the largest N under root, if any."""
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob("epoch-*") if (p / _STATE).is_file()
+            and p.name.removeprefix("epoch-").isdigit()]
+    return max(done, key=lambda p: int(p.name.removeprefix("epoch-")), default=None)
+
+
+def save_checkpoint(root: Path, epoch: int, records: list[EpochRecord], model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler, tb: TempBalance | None,
+                    generator: torch.Generator, config: FinetuneConfig) -> Path:
+    """Write ``root/epoch-N`` (via a temporary name), then drop older checkpoints."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"epoch-{epoch}"
+    tmp = root / f".epoch-{epoch}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {f"model.{k}": v for k, v in _trained_state(model).items()}
+    optim_tensors, optim_json = _optimizer_state(optimizer)
+    tensors |= optim_tensors
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.generator"] = generator.get_state()
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+              str(tmp / _TENSORS))
+    state = {
+        "epoch": epoch,
+        "config": asdict(config),
+        "records": [asdict(r) for r in records],
+        "optimizer": optim_json,
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if not callable(v)},
+        "tempbalance": None if tb is None else {
+            "calls": tb.calls, "factors": tb.factors,
+            "history": [asdict(r) for r in tb.history]},
+    }
+    (tmp / _STATE).write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in root.glob("epoch-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler, tb: TempBalance | None, generator: torch.Generator,
+                       config: FinetuneConfig) -> list[EpochRecord]:
+    """Load a checkpoint into the freshly built objects; returns the epoch records so far."""
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((path / _STATE).read_text())
+        tensors = load_file(str(path / _TENSORS))
+    except (OSError, ValueError) as exc:
+        raise FinetuneError(f"checkpoint {path}: cannot read it ({first_line(exc)})") from exc
+    saved = state["config"]
+    changed = [k for k, v in asdict(config).items() if k != "device" and saved.get(k) != v]
+    if changed:
+        raise FinetuneError(f"checkpoint {path} was made with other settings ({', '.join(changed)}"
+                            "); remove it or use the settings it was made with")
+    trained = _trained_state(model)
+    model_keys = {k.removeprefix("model.") for k in tensors if k.startswith("model.")}
+    if model_keys != set(trained):
+        raise FinetuneError(f"checkpoint {path} does not fit this model "
+                            f"({len(model_keys)} saved tensors, {len(trained)} expected)")
+    with torch.no_grad():
+        for name, value in trained.items():
+            value.copy_(tensors[f"model.{name}"])
+    _restore_optimizer(optimizer, tensors, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if tb is not None:
+        tb.calls = state["tempbalance"]["calls"]
+        tb.factors = state["tempbalance"]["factors"]
+        tb.history = [TempBalanceRecord(**r) for r in state["tempbalance"]["history"]]
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.generator"])
+    return [EpochRecord(**r) for r in state["records"]]
+
+
+def _trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: trainable parameters (tied ones once) and all buffers."""
+    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return state | {n: b for n, b in model.named_buffers() if b is not None}
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimiser state as (tensors, JSON): per-parameter tensors, groups' hyperparameters."""
+    tensors, scalars = {}, {}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{i}.{key}"] = value
+            else:
+                scalars[f"{i}.{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return tensors, {"groups": groups, "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                       saved: dict) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(saved["groups"]) != len(optimizer.param_groups):
+        raise FinetuneError("checkpoint: optimiser param groups differ from this model's")
+    for group, values in zip(optimizer.param_groups, saved["groups"], strict=True):
+        group.update({k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    optimizer.state.clear()
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            p = params[int(index)]
+            optimizer.state[p][name] = value.to(p.device)
+    for key, value in saved["scalars"].items():
+        index, name = key.split(".", 1)
+        optimizer.state[params[int(index)]][name] = value
+
+
+# ------------------------------------------------------------------------- saving
+
+
+def save_outputs(model: nn.Module, tokenizer, out_dir: Path, *, lora: bool,
+                 base_ref: str | None = None) -> tuple[Path, Path | None]:
+    """(model dir, adapter dir or None): the fine-tuned model as an HF safetensors directory.
+
+    With LoRA the adapter (PEFT format, its base named by ``base_ref``) is written first,
+    then merged into the base weights, so the model directory loads without PEFT.
+    """
+    adapter_dir = None
+    if lora:
+        adapter_dir = out_dir / "adapter"
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base_ref  # not a scratch path: stable digests
+        # save_embedding_layers=False: embeddings are never adapted here, and "auto" would
+        # look for the base model's config at base_ref.
+        model.save_pretrained(adapter_dir, safe_serialization=True, save_embedding_layers=False)
+        (adapter_dir / "README.md").unlink(missing_ok=True)  # a model card template
+        model = model.merge_and_unload()
+    model_dir = out_dir / "model"
+    model.to("cpu").save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, adapter_dir
