@@ -1,9 +1,9 @@
 """Fine-tuning flows: TempBalance and AlphaLoRA, each beside its plain baseline.
 
 - `tempbalance_finetune`: spectral (hill) -> allocate (tempbalance: the layer factors at
-  the start) -> finetune with TempBalance, and the same fine-tune without it;
+  the start) -> finetune with TempBalance -> evaluate, and the same without TempBalance;
 - `alphalora_finetune`: spectral (alpha_peak) -> allocate (alphalora: experts per block)
-  -> finetune with those experts, and with the same budget spread uniformly.
+  -> finetune with those experts -> evaluate, and with the same budget spread uniformly.
 
 Both runs of a comparison share the model, data, subset and seed, so the only difference
 is the method. The result is a comparison table (also a Prefect table artifact).
@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+import pyarrow.parquet as pq
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
 from flows.common import FlowRun, RunSettings, flow_run_context
+from steps.core.step import StepResult
 
 BUILT_IN = ("minilm", "tiny-llama", "smollm2")
 
@@ -79,11 +81,11 @@ def tempbalance_finetune(params: TempBalanceFinetuneParams = TempBalanceFinetune
         run.step("allocate", {"policy": "tempbalance", "options": {"variant": params.rule}},
                  {"metrics": metrics})
         common = params.shared() | {"lora": params.lora}
-        runs = {name: run.step("finetune", common | {"tempbalance": rule}, {"model": model},
-                               label=f"finetune-{name}")
-                for name, rule in (("plain", "none"), ("tempbalance", params.rule))}
-        rows = [comparison_row(run, name, result.digests()["metrics"])
-                for name, result in runs.items()]
+        rows = []
+        for name, rule in (("plain", "none"), ("tempbalance", params.rule)):
+            tuned = run.step("finetune", common | {"tempbalance": rule}, {"model": model},
+                             label=f"finetune-{name}")
+            rows.append(evaluated_row(run, name, tuned, params))
     publish(rows, "tempbalance-comparison", f"{params.model} on {params.dataset} at "
             f"{params.fraction:.0%} of the data: plain vs TempBalance ({params.rule})")
     return rows
@@ -106,18 +108,26 @@ def alphalora_finetune(params: AlphaLoraFinetuneParams = AlphaLoraFinetuneParams
                 label=f"allocate-{name}").digests()["decisions"]
             tuned = run.step("finetune", common, {"model": model, "experts": experts},
                              label=f"finetune-{name}")
-            rows.append(comparison_row(run, name, tuned.digests()["metrics"]))
+            rows.append(evaluated_row(run, name, tuned, params))
     publish(rows, "alphalora-comparison", f"{params.model} on {params.dataset}: "
             f"{params.total} experts by AlphaLoRA vs uniform")
     return rows
 
 
-def comparison_row(run: FlowRun, method: str, metrics: str) -> dict:
-    """The fine-tune's final metrics, labelled by method, with the metrics digest."""
-    values = json.loads(run.store.get(metrics, run.scratch / f"{metrics}.json").read_text())
-    return {"method": method, "test_accuracy": values.get("test_accuracy"),
-            "val_accuracy": values.get("val_accuracy"), "train_loss": values.get("train_loss"),
-            "train_examples": values.get("train_examples"), "metrics": metrics}
+def evaluated_row(run: FlowRun, method: str, tuned: StepResult, data: FinetuneData) -> dict:
+    """Evaluate the fine-tuned model on the test split; its row beside the fine-tune's."""
+    outputs = tuned.digests()
+    evaluation = run.step("evaluate", {"name": method, "max_examples": data.max_eval_examples,
+                                       "max_length": data.max_length},
+                          {"model": outputs["model"], "data": outputs["data"]},
+                          label=f"evaluate-{method}").digests()["evaluation"]
+    metrics = json.loads(run.store.get(outputs["metrics"], run.scratch / "metrics.json")
+                         .read_text())
+    row = pq.read_table(run.store.get(evaluation, run.scratch / "evaluation.parquet"))
+    return {"method": method, "test_accuracy": row["accuracy"][0].as_py(),
+            "val_accuracy": metrics.get("val_accuracy"), "train_loss": metrics.get("train_loss"),
+            "train_examples": metrics.get("train_examples"), "metrics": outputs["metrics"],
+            "evaluation": evaluation}
 
 
 def publish(rows: list[dict], key: str, description: str) -> None:

@@ -316,6 +316,9 @@ def evaluate(
     model: Annotated[str, typer.Argument(help="Model directory or artifact digest.")],
     perplexity: Annotated[str | None, typer.Option(
         help="Text file or digest: perplexity over non-overlapping windows.")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="Labelled JSONL (or digest): accuracy of a fine-tuned classifier on its test "
+        "split.")] = None,
     seqlen: Annotated[int | None, typer.Option(
         help="Window length [default: the model's context].")] = None,
     max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first windows.")
@@ -323,11 +326,13 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     store: StoreOption = None,
 ) -> None:
-    """Perplexity, sparsity, parameter count and size on disk of a model."""
+    """Perplexity (or a classifier's accuracy), sparsity, parameter count and size on disk."""
     the_store = open_store(store)
     inputs = {"model": input_ref(the_store, model, "model")}
     if perplexity:
         inputs["text"] = input_ref(the_store, perplexity, "text")
+    if data:
+        inputs["data"] = input_ref(the_store, data, "text-classification")
     params = {"seqlen": seqlen, "max_windows": max_windows, "device": device,
               "name": Path(model).name}
     _, result = run_and_report("evaluate", params, inputs, store)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from flows.common import RunSettings
 from flows.finetune import (
@@ -26,6 +27,11 @@ def test_tempbalance_finetune_compares_with_the_plain_run(tmp_path, prefect_api)
     assert [r["method"] for r in rows] == ["plain", "tempbalance"]
     assert all(0 <= r["test_accuracy"] <= 1 and r["train_examples"] == 48 for r in rows)
     store = open_store(settings.store)
+    for row in rows:  # the evaluate step sees the same test examples as the fine-tune
+        values = json.loads(store.get(row["metrics"], tmp_path / "m.json").read_text())
+        assert row["test_accuracy"] == pytest.approx(values["test_accuracy"], abs=1e-9)
+    evaluated = upstream(store, rows[1]["evaluation"])
+    assert {m.step for m in evaluated.steps.values()} >= {"build_model", "finetune", "evaluate"}
     graph = upstream(store, rows[1]["metrics"])
     made = {m.step: m for m in graph.steps.values()}
     assert made["finetune"].params["tempbalance"] == "sigmoid"

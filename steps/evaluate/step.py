@@ -1,12 +1,16 @@
-"""The evaluate step: model (+ text) -> one row of metrics (perplexity, sparsity, size)."""
+"""The evaluate step: model (+ text or labelled data) -> one row of metrics (perplexity or
+accuracy, sparsity, size)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from steps.core.step import Output, Step, StepContext
+from steps.evaluate.metrics import size_on_disk
 from steps.evaluate.rows import evaluate_model_dir, write_rows
 
 
@@ -16,9 +20,16 @@ class EvaluateParams(BaseModel):
                                "model's context length).")
     max_windows: int | None = Field(None, ge=1, description="Evaluate only the first windows.")
     device: str = Field("auto", description="auto, cpu or cuda.")
+    max_examples: int | None = Field(None, ge=1, description="data: evaluate a seeded, "
+                                     "stratified subset of the test split.")
+    max_length: int = Field(128, ge=4, description="data: tokens per example.")
+    split_seed: int = Field(0, ge=0, description="data: seed of the split (files without "
+                            "one) and of the subset.")
 
 
 def evaluate_step(ctx: StepContext, params: EvaluateParams, inputs: dict[str, Path]) -> dict:
+    if "data" in inputs:
+        return classifier_evaluation(ctx, params, inputs)
     row = evaluate_model_dir(inputs["model"], perplexity_text=inputs.get("text"),
                              seqlen=params.seqlen, max_windows=params.max_windows,
                              device=params.device)
@@ -30,5 +41,22 @@ def evaluate_step(ctx: StepContext, params: EvaluateParams, inputs: dict[str, Pa
     return {"evaluation": Output(path, "evaluation", "application/vnd.apache.parquet")}
 
 
+def classifier_evaluation(ctx: StepContext, params: EvaluateParams,
+                          inputs: dict[str, Path]) -> dict:
+    """A fine-tuned text classifier: accuracy and loss on the data's test split."""
+    from steps.core.blocks import resolve_device
+    from steps.evaluate.classify import classifier_metrics
+
+    metrics = classifier_metrics(inputs["model"], inputs["data"], max_examples=params.max_examples,
+                                 max_length=params.max_length, seed=params.split_seed,
+                                 device=str(resolve_device(params.device)))
+    ctx.log_metrics(metrics)
+    row = metrics | {"model": params.name, "data": ctx.input_digests.get("data"),
+                     "size_bytes": size_on_disk(inputs["model"])}
+    path = ctx.workdir / "evaluation.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    return {"evaluation": Output(path, "evaluation", "application/vnd.apache.parquet")}
+
+
 STEP = Step(name="evaluate", version="1", params=EvaluateParams, inputs=("model",),
-            fn=evaluate_step, optional_inputs=("text",))
+            fn=evaluate_step, optional_inputs=("text", "data"))
