@@ -48,7 +48,7 @@ def test_demo_runs_is_cached_on_rerun_and_is_auditable(demo_env, tmp_path):
     steps = {s["step"]: s for s in graph["steps"]}
     assert set(steps) == {"build_model", "spectral"}
     assert steps["spectral"]["inputs"] == {"model": digests["build_model.model"]}
-    assert steps["build_model"]["params"] == {"name": "tiny-gpt2", "seed": 0}
+    assert steps["build_model"]["params"] == {"name": "tiny-gpt2", "seed": 0, "width": None}
     assert steps["spectral"]["flow_run_id"] and steps["spectral"]["mlflow_run_id"]
 
 
