@@ -19,18 +19,23 @@ from flows.common import FlowRun, RunSettings, flow_run_context
 BUILT_IN = ("tiny-gpt2", "tiny-llama", "smollm2")
 
 
-class AlphaPruneParams(BaseModel):
+class PruneSetup(BaseModel):
+    """What every pruning flow needs: the model, its alpha fit, calibration and evaluation."""
+
     model: str = Field("tiny-llama", description="tiny-gpt2, tiny-llama, smollm2, or a model "
                        "dir / safetensors path / artifact digest.")
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
-    sparsity: float = Field(0.7, ge=0, lt=1, description="Global target sparsity.")
-    epsilon: float = Field(0.3, ge=0, lt=1, description="AlphaPruning spread.")
     estimator: str = Field("alpha_peak", description="Alpha fit used for the allocation.")
     nsamples: int = Field(8, ge=1, description="Calibration sequences.")
     seqlen: int = Field(128, ge=8, description="Calibration and evaluation window (tokens).")
     text_chars: int | None = Field(200_000, gt=0, description="Characters of KJV text kept "
                                    "for calibration and evaluation (None: all).")
     eval_windows: int | None = Field(16, ge=1, description="Evaluation windows (None: all).")
+
+
+class AlphaPruneParams(PruneSetup):
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    sparsity: float = Field(0.7, ge=0, lt=1, description="Global target sparsity.")
+    epsilon: float = Field(0.3, ge=0, lt=1, description="AlphaPruning spread.")
 
 
 def model_digest(run: FlowRun, model: str) -> str:

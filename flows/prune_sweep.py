@@ -14,18 +14,16 @@ from typing import Annotated, Literal
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from flows.alpha_prune import comparison_row, model_digest
+from flows.alpha_prune import PruneSetup, comparison_row, model_digest
 from flows.common import FlowRun, RunSettings, StepFuture, flow_run_context
 
 Method = Literal["magnitude", "wanda", "sparsegpt"]
 Sparsity = Annotated[float, Field(ge=0, lt=1)]
 
 
-class PruneSweepParams(BaseModel):
-    model: str = Field("tiny-llama", description="tiny-gpt2, tiny-llama, smollm2, or a model "
-                       "dir / safetensors path / artifact digest.")
+class PruneSweepParams(PruneSetup):
     sparsities: list[Sparsity] = Field([0.5, 0.7], min_length=1,
                                     description="Global target sparsities, each in [0, 1).")
     methods: list[Method] = Field(["magnitude", "wanda"], min_length=1,
@@ -34,12 +32,6 @@ class PruneSweepParams(BaseModel):
         "alphapruning", description="How the global sparsity is spread over the layers.")
     epsilon: float = Field(0.3, ge=0, lt=1, description="alphapruning: spread.")
     lam: float = Field(0.08, ge=0, lt=1, description="owl: lambda (sparsities span 2 lambda).")
-    estimator: str = Field("alpha_peak", description="Alpha fit used for the allocation.")
-    nsamples: int = Field(8, ge=1, description="Calibration sequences.")
-    seqlen: int = Field(128, ge=8, description="Calibration and evaluation window (tokens).")
-    text_chars: int | None = Field(200_000, gt=0, description="Characters of KJV text kept "
-                                   "for calibration and evaluation (None: all).")
-    eval_windows: int | None = Field(16, ge=1, description="Evaluation windows (None: all).")
 
     def policy_options(self, sparsity: float) -> dict:
         extra = {"alphapruning": {"epsilon": self.epsilon}, "owl": {"lam": self.lam}}
