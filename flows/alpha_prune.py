@@ -14,9 +14,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
-from flows.common import FlowRun, RunSettings, flow_run_context
-
-BUILT_IN = ("tiny-gpt2", "tiny-llama", "smollm2")
+from flows.common import FlowRun, RunSettings, flow_run_context, model_digest
 
 
 class PruneSetup(BaseModel):
@@ -36,12 +34,6 @@ class AlphaPruneParams(PruneSetup):
     method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
     sparsity: float = Field(0.7, ge=0, lt=1, description="Global target sparsity.")
     epsilon: float = Field(0.3, ge=0, lt=1, description="AlphaPruning spread.")
-
-
-def model_digest(run: FlowRun, model: str) -> str:
-    if model in BUILT_IN:
-        return run.step("build_model", {"name": model}).digests()["model"]
-    return run.source(model, "model")
 
 
 @flow(name="alpha_prune", log_prints=True)

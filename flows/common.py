@@ -186,6 +186,17 @@ def task_runner_for(settings: RunSettings) -> Any:
         "host": "127.0.0.1", "dashboard_address": None})
 
 
+# What the build_model step makes by name; anything else is a path or an artifact ref.
+BUILT_IN_MODELS = ("tiny-gpt2", "tiny-llama", "cnn", "mlp", "minilm", "smollm2")
+
+
+def model_digest(run: FlowRun, model: str) -> str:
+    """The digest of a built-in model (built by the build_model step), a path or a ref."""
+    if model in BUILT_IN_MODELS:
+        return run.step("build_model", {"name": model}).digests()["model"]
+    return run.source(model, "model")
+
+
 def is_transient(task, task_run, state) -> bool:
     """Retry what may pass (a server away), not what cannot (bad params, missing input)."""
     error = state.result(raise_on_failure=False)

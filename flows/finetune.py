@@ -19,10 +19,8 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
-from flows.common import FlowRun, RunSettings, flow_run_context
+from flows.common import FlowRun, RunSettings, flow_run_context, model_digest
 from steps.core.step import StepResult
-
-BUILT_IN = ("minilm", "tiny-llama", "smollm2")
 
 
 class FinetuneData(BaseModel):
@@ -62,12 +60,6 @@ class AlphaLoraFinetuneParams(FinetuneData):
     rank: int = Field(8, ge=1, description="LoRA rank of each expert.")
     top_k: int = Field(2, ge=1, description="Experts per token.")
     lr: float = Field(5e-4, gt=0)
-
-
-def model_digest(run: FlowRun, model: str) -> str:
-    if model in BUILT_IN:
-        return run.step("build_model", {"name": model}).digests()["model"]
-    return run.source(model, "model")
 
 
 @flow(name="tempbalance_finetune", log_prints=True)

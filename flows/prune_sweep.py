@@ -16,8 +16,8 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from pydantic import Field
 
-from flows.alpha_prune import PruneSetup, comparison_row, model_digest
-from flows.common import FlowRun, RunSettings, StepFuture, flow_run_context
+from flows.alpha_prune import PruneSetup, comparison_row
+from flows.common import FlowRun, RunSettings, StepFuture, flow_run_context, model_digest
 
 Method = Literal["magnitude", "wanda", "sparsegpt"]
 Sparsity = Annotated[float, Field(ge=0, lt=1)]

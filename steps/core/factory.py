@@ -229,7 +229,11 @@ def save_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str]) -> Pat
     if _is_hf_model(model):
         model.save_pretrained(out, safe_serialization=True)
     else:
-        kind = _plain_kind(model)
+        kind = plain_kind(model)
+        if kind is None:
+            raise TypeError(f"cannot save {type(model).__name__}: expected a transformers "
+                            f"PreTrainedModel or one of "
+                            f"{', '.join(cls.__name__ for cls, _ in _PLAIN_MODELS.values())}")
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(out / WEIGHTS_FILE))
         config = {"kind": kind, "config": asdict(model.config)}
@@ -239,14 +243,12 @@ def save_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike[str]) -> Pat
     return out
 
 
-def _plain_kind(model: nn.Module) -> str:
+def plain_kind(model: nn.Module) -> str | None:
+    """'mlp' or 'cnn' for a plain factory model, None for anything else."""
     for kind, (model_cls, _) in _PLAIN_MODELS.items():
         if type(model) is model_cls:
             return kind
-    raise TypeError(
-        f"cannot save {type(model).__name__}: expected a transformers PreTrainedModel "
-        f"or one of {', '.join(cls.__name__ for cls, _ in _PLAIN_MODELS.values())}"
-    )
+    return None
 
 
 def load_model(model_dir: str | os.PathLike[str]) -> nn.Module:

@@ -30,7 +30,8 @@ from torch import nn
 
 from steps.core.data import LABELLED_SETS, digits_images, labelled_dataset
 from steps.core.errors import ParamsError
-from steps.core.factory import TinyCNN, TinyMLP, load_model, save_hf
+from steps.core.factory import load_model, save_hf
+from steps.core.factory import plain_kind as factory_plain_kind
 from steps.core.step import Output, StepContext
 from steps.finetune.tempbalance import layer_param_groups
 from steps.finetune.train import TrainHistory, evaluate, low_data_indices, train
@@ -68,10 +69,9 @@ class PlainData:
 
 def plain_kind(model: nn.Module, what: str = "model") -> str:
     """'mlp' or 'cnn' for a factory model; a PlainModelError naming ``what`` otherwise."""
-    if isinstance(model, TinyMLP):
-        return "mlp"
-    if isinstance(model, TinyCNN):
-        return "cnn"
+    kind = factory_plain_kind(model)
+    if kind is not None:
+        return kind
     raise PlainModelError(f"{what}: a {type(model).__name__} is not a plain factory classifier "
                           f"(mlp or cnn)")
 
