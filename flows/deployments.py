@@ -16,6 +16,7 @@ from flows.alpha_prune import alpha_prune
 from flows.demo import demo
 from flows.finetune import alphalora_finetune, tempbalance_finetune
 from flows.model_zoo import model_zoo
+from flows.prunability import prunability
 from flows.prune_sweep import prune_sweep
 from flows.spectral_audit import AuditParams, spectral_audit
 from flows.step_flow import step_deployments
@@ -43,6 +44,10 @@ def deployments() -> list[RunnerDeployment]:
         model_zoo.to_deployment(
             name="model_zoo", description="Train a grid of small models, measure their loss "
             "landscapes, fit the MD tree and report its transfer accuracy.", **common),
+        prunability.to_deployment(
+            name="prunability", description="Train at each value of a temperature-like knob, "
+            "magnitude-prune to each density, retrain seeds on the mask; LMC and CKA place "
+            "every cell in regime I / II-A / II-B: advice, picks and the phase map.", **common),
         spectral_audit.to_deployment(
             name="nightly", schedule=Cron("0 3 * * *", timezone="UTC"),
             description="Nightly spectral audit; set `models` to your checkpoints.",

@@ -12,6 +12,17 @@ Modes:
   the train error is measured on the subset the model was trained on.
 - ``collect``: inputs ``features_0`` ... ``features_<n>`` (feature rows) -> ``zoo``
   (Parquet, one row per input, in input order).
+- ``cell``: inputs ``retrained_0`` ... ``retrained_<n>`` (n >= 1: the seeds of a pruned model
+  retrained on one mask, ``finetune`` with ``keep_mask``) -> ``features`` (Parquet, one row:
+  the mean pairwise LMC barrier and output CKA, their worst pair, the seeds' test accuracy
+  and measured density, plus ``tags``, e.g. knob, knob_value and density; see
+  ``steps.diagnose.regimes.measure_cell``). ``fraction`` / ``data_seed`` pick the training
+  data of the LMC as in ``features``.
+- ``regimes``: input ``cells`` (cell rows, e.g. ``collect`` of ``cell`` outputs, with the
+  knob, knob_value and density columns) -> ``regimes`` (Parquet: the cells with regime I /
+  II-A / II-B by ``lmc_threshold`` and ``cka_threshold``, and the advice), ``advice``
+  (Parquet: per density the pick of the family and the temperature effect) and ``phase_map``
+  (plots: phase_map.png); see ``steps.diagnose.regimes``.
 - ``fit``: input ``zoo`` (a table with width, batch_size, fraction and the feature columns,
   e.g. from ``collect`` with the hyperparameters as tags) -> ``labels`` (the grid, seeds
   averaged, with its RFI scores and labels), ``tree`` (the MD tree fitted on the training
@@ -48,6 +59,8 @@ Question = Literal["bs_failure", "width_vs_batch", "data_vs_batch"]
 Dataset = Literal["digits", "iris", "wine", "breast_cancer"]
 MAX_COLLECT = 256  # features_0 .. features_255: a full-size zoo grid has ~100 configurations
 COLLECT_INPUTS = tuple(f"features_{i}" for i in range(MAX_COLLECT))
+MAX_SEEDS = 8  # retrained_0 .. retrained_7: the paper retrains 3
+RETRAINED_INPUTS = tuple(f"retrained_{i}" for i in range(MAX_SEEDS))
 GRID_KEYS = ("width", "batch_size", "fraction")
 PARQUET = "application/vnd.apache.parquet"
 
@@ -57,9 +70,11 @@ class DiagnoseError(ParamsError):
 
 
 class DiagnoseParams(BaseModel):
-    mode: Literal["features", "collect", "fit"] = Field(
+    mode: Literal["features", "collect", "fit", "cell", "regimes"] = Field(
         "features", description="features: one model's row (+ diagnosis with a tree); "
-        "collect: feature rows -> a zoo table; fit: zoo -> MD tree and report.")
+        "collect: feature rows -> a zoo table; fit: zoo -> MD tree and report; cell: "
+        "retrained seeds of a pruned model -> LMC / CKA row; regimes: cell rows -> "
+        "prunability regimes, advice and phase map.")
     dataset: Dataset = Field("digits", description="features: the scikit-learn set the "
                              "model was trained on.")
     split_seed: int = Field(0, ge=0, description="features: seed of its train/test split.")
@@ -94,6 +109,10 @@ class DiagnoseParams(BaseModel):
     bounds: Literal["reference", "data"] = Field("data", description="fit: threshold ranges "
                                                  "of the reference (ResNet-18 / CIFAR-10) or "
                                                  "of this zoo's features.")
+    lmc_threshold: float = Field(2.0, allow_inf_nan=False, description="regimes: an LMC "
+                                 "barrier (train error, % points) above it is regime I.")
+    cka_threshold: float = Field(0.975, ge=0.0, le=1.0, description="regimes: connected "
+                                 "cells with output CKA below it are II-A, the others II-B.")
 
 
 # --------------------------------------------------------------------------- features
@@ -385,23 +404,91 @@ def fit_mode(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Path]) 
             "report": Output(report_path, "diagnosis-report", PARQUET)}
 
 
+# ----------------------------------------------------------------- cell and regimes
+
+
+def _numbered(inputs: dict[str, Path], prefix: str) -> list[str]:
+    return sorted((n for n in inputs if n.startswith(prefix)),
+                  key=lambda n: int(n.rsplit("_", 1)[1]))
+
+
+def cell_mode(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Path]) -> dict:
+    from steps.core.factory import load_model
+    from steps.diagnose.features import check_same_architecture
+    from steps.diagnose.regimes import measure_cell
+    from steps.finetune.plain import plain_data, plain_kind, training_subset
+
+    names = _numbered(inputs, "retrained_")
+    if len(names) < 2:
+        raise DiagnoseError(f"diagnose cell: needs >= 2 retrained seeds (retrained_0, "
+                            f"retrained_1, ...), got {sorted(inputs)}")
+    models = [load_model(inputs[name]) for name in names]
+    for name, model in zip(names, models, strict=True):
+        plain_kind(model, name)
+        check_same_architecture(models[0], model)
+    data = plain_data(params.dataset, models[0], params.split_seed)
+    train = training_subset(data, params.fraction, params.data_seed)
+    measured = measure_cell(models, data, train, line_points=params.line_points)
+    clash = sorted(set(params.tags) & set(measured))
+    if clash:
+        raise DiagnoseError(f"tags: {clash} would overwrite measured columns")
+    row = {"dataset": params.dataset} | params.tags | measured
+    path = ctx.workdir / "cell.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    ctx.log_metrics({k: v for k, v in measured.items() if math.isfinite(v)})
+    return {"features": Output(path, "prunability-cell", PARQUET)}
+
+
+def regimes_mode(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Path]) -> dict:
+    from steps.diagnose.regimes import (
+        Thresholds,
+        classify_cells,
+        density_summary,
+        plot_phase_map,
+    )
+
+    if set(inputs) != {"cells"}:
+        raise DiagnoseError(f"diagnose regimes: takes the cells input only, got "
+                            f"{sorted(inputs)}")
+    try:
+        rows = pq.read_table(inputs["cells"]).to_pylist()
+    except (OSError, pa.ArrowException) as exc:
+        raise DiagnoseError(f"cells: not a Parquet table ({exc})") from exc
+    thresholds = Thresholds(params.lmc_threshold, params.cka_threshold)
+    cells = classify_cells(rows, thresholds)
+    summary = density_summary(cells)
+    plots = ctx.workdir / "plots"
+    plot = plot_phase_map(cells, summary, thresholds, plots / "phase_map.png")
+    ctx.log_file(plot, "plots")
+    regimes_path, advice_path = ctx.workdir / "regimes.parquet", ctx.workdir / "advice.parquet"
+    pq.write_table(pa.Table.from_pylist(cells), regimes_path)
+    pq.write_table(pa.Table.from_pylist(summary), advice_path)
+    ctx.log_metrics({f"cells_{name}": sum(c["regime"] == name for c in cells)
+                     for name in ("I", "II-A", "II-B")})
+    return {"regimes": Output(regimes_path, "prunability-regimes", PARQUET),
+            "advice": Output(advice_path, "prunability-advice", PARQUET),
+            "phase_map": Output(plots, "plots")}
+
+
 # ------------------------------------------------------------------------------- step
 
 
 def diagnose_step(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Path]) -> dict:
     given = set(inputs)
     allowed = {"features": {"model", "model_b", "tree"}, "collect": set(COLLECT_INPUTS),
-               "fit": {"zoo"}}[params.mode]
+               "fit": {"zoo"}, "cell": set(RETRAINED_INPUTS), "regimes": {"cells"}}[params.mode]
     if given - allowed:
         raise DiagnoseError(f"diagnose {params.mode}: unexpected inputs "
                             f"{sorted(given - allowed)}; it takes {_describe(params.mode)}")
-    return {"features": features_mode, "collect": collect_mode, "fit": fit_mode}[
-        params.mode](ctx, params, inputs)
+    return {"features": features_mode, "collect": collect_mode, "fit": fit_mode,
+            "cell": cell_mode, "regimes": regimes_mode}[params.mode](ctx, params, inputs)
 
 
 def _describe(mode: str) -> str:
     return {"features": "model, optional model_b and tree",
-            "collect": f"features_0 ... features_{MAX_COLLECT - 1}", "fit": "zoo"}[mode]
+            "collect": f"features_0 ... features_{MAX_COLLECT - 1}", "fit": "zoo",
+            "cell": f"retrained_0 ... retrained_{MAX_SEEDS - 1} (>= 2)",
+            "regimes": "cells"}[mode]
 
 
 def collect_inputs(digests: list[str]) -> dict[str, str]:
@@ -413,4 +500,5 @@ def collect_inputs(digests: list[str]) -> dict[str, str]:
 
 
 STEP = Step(name="diagnose", version="1", params=DiagnoseParams, inputs=(), fn=diagnose_step,
-            optional_inputs=("model", "model_b", "tree", "zoo", *COLLECT_INPUTS))
+            optional_inputs=("model", "model_b", "tree", "zoo", "cells", *COLLECT_INPUTS,
+                             *RETRAINED_INPUTS))

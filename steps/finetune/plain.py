@@ -32,6 +32,7 @@ from steps.core.data import LABELLED_SETS, digits_images, labelled_dataset
 from steps.core.errors import ParamsError
 from steps.core.factory import load_model, save_hf
 from steps.core.factory import plain_kind as factory_plain_kind
+from steps.core.sparsity import density, keep_zeros, zero_masks
 from steps.core.step import Output, StepContext
 from steps.finetune.tempbalance import layer_param_groups
 from steps.finetune.train import TrainHistory, evaluate, low_data_indices, train
@@ -141,12 +142,16 @@ def _optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_d
 def run_plain(model_dir: str | Path, dataset: str = "digits", *, batch_size: int,
               fraction: float, seed: int, epochs: int, lr: float, optimizer: str = "sgd",
               tempbalance: dict[str, Any] | None = None, momentum: float = 0.9,
-              weight_decay: float = 0.0, split_seed: int = 0) -> PlainRun:
+              weight_decay: float = 0.0, split_seed: int = 0,
+              keep_mask: bool = False) -> PlainRun:
     """Train the model in ``model_dir`` on ``fraction`` of the ``dataset`` train split.
 
     ``seed`` draws the subset and seeds the batch order; the initial weights are the
     directory's (a zoo varies them with build_model's seed). Per epoch the test split is
     evaluated (the history's val columns); ``tempbalance`` passes TempBalance options.
+    ``keep_mask``: the Linear / Conv weights that are exactly zero in the directory (a
+    pruned model) are set back to zero after every optimiser step, so the retrained model
+    keeps the pruned model's mask; the metrics then include its ``density``.
     """
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise PlainModelError(f"epochs, batch_size and lr must be positive, got {epochs}, "
@@ -155,6 +160,8 @@ def run_plain(model_dir: str | Path, dataset: str = "digits", *, batch_size: int
     data = plain_data(dataset, model, split_seed)
     subset = training_subset(data, fraction, seed)
     opt = _optimizer(model, optimizer, lr, momentum, weight_decay, tempbalance is not None)
+    if keep_mask:
+        keep_zeros(opt, model, zero_masks(model))
     history = train(model, subset, data.test, optimizer=opt, epochs=epochs,
                     batch_size=batch_size, seed=seed, tempbalance=tempbalance)
     model.eval()
@@ -163,6 +170,8 @@ def run_plain(model_dir: str | Path, dataset: str = "digits", *, batch_size: int
     metrics = {"train_examples": len(subset[1]), "epochs": epochs,
                "train_loss": train_loss, "train_accuracy": train_accuracy,
                "test_loss": test_loss, "test_accuracy": test_accuracy}
+    if keep_mask:
+        metrics["density"] = density(model)
     return PlainRun(model, metrics, history)
 
 
@@ -215,7 +224,8 @@ def finetune_plain_outputs(ctx: StepContext, params: dict[str, Any],
                     optimizer=params.get("optimizer", "sgd"),
                     tempbalance=tempbalance_options(params),
                     weight_decay=params.get("weight_decay", 0.0),
-                    split_seed=params.get("split_seed", 0))
+                    split_seed=params.get("split_seed", 0),
+                    keep_mask=params.get("keep_mask", False))
     ctx.log_metrics(run.metrics)
     model_dir = save_hf(run.model, None, ctx.workdir / "model")
     metrics_path = ctx.workdir / "metrics.json"

@@ -72,6 +72,9 @@ class FinetuneParams(BaseModel):
     top_k: int = Field(2, ge=1, description="experts: experts per token.")
     max_length: int = Field(128, ge=4, description="Tokens per example (truncated).")
     device: str = Field("auto", description="auto, cpu or cuda.")
+    keep_mask: bool = Field(False, description="Plain models: weights of Linear / Conv layers "
+                            "that are exactly zero at the start (a pruned model's mask) stay "
+                            "zero throughout (mask-preserving retraining).")
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneParams:
@@ -81,6 +84,10 @@ class FinetuneParams(BaseModel):
 
 
 def finetune_step(ctx: StepContext, params: FinetuneParams, inputs: dict[str, Path]) -> dict:
+    if params.keep_mask and params.dataset not in PLAIN_DATASETS:
+        raise ParamsError("step finetune: keep_mask is for plain models (mlp, cnn) trained on "
+                          f"a scikit-learn dataset ({', '.join(PLAIN_DATASETS)}), not "
+                          f"dataset {params.dataset!r}")
     if params.dataset in PLAIN_DATASETS:
         from steps.finetune.plain import finetune_plain_outputs
 

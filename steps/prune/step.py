@@ -27,15 +27,22 @@ class PruneParams(BaseModel):
 def prune_step(ctx: StepContext, params: PruneParams, inputs: dict[str, Path]) -> dict:
     from transformers import AutoTokenizer
 
-    from steps.core.factory import load_model
+    from steps.core.factory import load_model, plain_kind
 
     model = load_model(inputs["model"])
-    tokenizer = AutoTokenizer.from_pretrained(inputs["model"], local_files_only=True) \
-        if "calibration" in inputs else None
-    report = prune(model, tokenizer, method=params.method, sparsity=params.sparsity,
-                   allocation=inputs.get("allocation"), nm=params.nm,
-                   calibration_text=inputs.get("calibration"), nsamples=params.nsamples,
-                   seqlen=params.seqlen, seed=params.seed, device=params.device)
+    if plain_kind(model) is not None:  # a factory MLP / CNN: magnitude, no tokenizer
+        from steps.prune.plain import prune_plain
+
+        tokenizer = None
+        report = prune_plain(model, method=params.method, sparsity=params.sparsity,
+                             allocation=inputs.get("allocation"), nm=params.nm)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(inputs["model"], local_files_only=True) \
+            if "calibration" in inputs else None
+        report = prune(model, tokenizer, method=params.method, sparsity=params.sparsity,
+                       allocation=inputs.get("allocation"), nm=params.nm,
+                       calibration_text=inputs.get("calibration"), nsamples=params.nsamples,
+                       seqlen=params.seqlen, seed=params.seed, device=params.device)
     out = save_pruned(model, tokenizer, ctx.workdir / "pruned", report)
     achieved = pq.read_table(out / REPORT_FILE)
     total = sum(achieved["params"].to_pylist())
