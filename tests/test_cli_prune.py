@@ -79,3 +79,19 @@ def test_prune_bad_input(setup):
                          "fewer than one sequence")
     before = {p.name for p in (root / "store" / "manifests").iterdir()}
     assert not any(m.startswith(".partial") for m in before)
+
+
+def test_prune_a_plain_model_by_global_magnitude(setup):
+    root, _, _, env = setup
+    done = tailwise("model", "mlp", "--output", str(root / "mlp"), env=env)
+    assert done.returncode == 0, done.stderr
+    done = tailwise("prune", str(root / "mlp"), "--method", "magnitude", "--sparsity", "0.9",
+                    "--output", str(root / "mlp-pruned"), env=env)
+    assert done.returncode == 0, done.stderr
+    report = pq.read_table(root / "mlp-pruned" / "sparsity_report.parquet").to_pylist()
+    zeros = sum(row["achieved"] * row["params"] for row in report)
+    assert round(zeros) == round(0.9 * sum(row["params"] for row in report))
+    done = tailwise("prune", str(root / "mlp"), "--method", "wanda", "--sparsity", "0.5",
+                    "--output", str(root / "mlp-wanda"), env=env)
+    assert_clean_failure(done, "wanda")
+    assert not (root / "mlp-wanda").exists()
