@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -35,8 +36,15 @@ _UNSET = object()
 DEFAULT_RETRIES = {"retries": 2, "delay_s": [2, 10]}
 
 
-def load_steps(path: Path = STEPS_FILE) -> dict[str, Any]:
-    with open(path) as fh:
+def steps_file() -> Path:
+    """containers/steps.yaml, or the file $TAILWISE_STEPS_FILE names (a site's own resources
+    and retry policy, without editing the checkout)."""
+    override = os.environ.get("TAILWISE_STEPS_FILE")
+    return Path(override) if override else STEPS_FILE
+
+
+def load_steps(path: Path | None = None) -> dict[str, Any]:
+    with open(path or steps_file()) as fh:
         return yaml.safe_load(fh)
 
 
@@ -71,7 +79,7 @@ def retry_policy(step_name: str, steps: dict[str, Any] | None = None) -> tuple[i
     Without containers/steps.yaml (an installed package, not a checkout) the defaults hold.
     """
     if steps is None:
-        steps = load_steps() if STEPS_FILE.is_file() else {"steps": {}}
+        steps = load_steps() if steps_file().is_file() else {"steps": {}}
     policy = DEFAULT_RETRIES | steps.get("retries", {}) | steps["steps"].get(step_name, {})
     retries = int(policy.get("retries", 0))
     delays = [float(d) for d in policy.get("delay_s", [0])]

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from fuzzing import FUZZ
+from hypothesis import given
 from hypothesis import strategies as st
 
 from steps.core.backends import LocalBackend
@@ -23,8 +24,6 @@ from steps.core.main import StepRequest, read_request, step_main
 from steps.core.store import ArtifactStore, Manifest, manifest_key
 from steps.spectral.step import STEP as SPECTRAL
 
-FUZZ = settings(max_examples=150, derandomize=True, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
 DIGEST = "ab" * 32
 
 json_values = st.recursive(

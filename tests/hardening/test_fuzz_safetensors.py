@@ -19,15 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from fuzzing import FUZZ
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from steps.core.errors import TailwiseError
 from steps.core.weights import WeightsError, iter_weight_matrices, list_weight_matrices
 
-FUZZ = settings(max_examples=150, derandomize=True, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "U8", "BOOL", "F8_E4M3",
           "Q4", "f32", "", "F32 ", "COMPLEX64"]
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1,
