@@ -300,7 +300,9 @@ def up(cfg: StackConfig) -> int:
     write_env_file(cfg)
     print(f"\nPrefect UI : {cfg.prefect_ui_url}")
     print(f"MLflow UI  : {cfg.mlflow_url}")
-    print(f"S3 keys    : {cfg.credentials_file} (mode 0600)")
+    print("Credentials (where each comes from; none is printed):")
+    for line in credential_sources(cfg):
+        print(f"  {line}")
     print(f"\nTo use it:  source {display(cfg.env_file)}   # sets:")
     for key, value in cfg.public_env().items():
         print(f"  {key}={value}")
@@ -345,6 +347,16 @@ def deploy(cfg: StackConfig) -> int:
     """Register the deployments again (after editing flows/deployments.py)."""
     print(f"deployments on work pool {cfg.pool!r}: {', '.join(register_deployments(cfg))}")
     return 0
+
+
+def credential_sources(cfg: StackConfig) -> list[str]:
+    """Who checks what in the local stack, and where each credential lives."""
+    return [
+        f"S3 (nanio)  : keys generated once into {display(cfg.credentials_file)} (mode 0600)",
+        f"MLflow      : no login, listens on {HOST} only",
+        f"Prefect     : no login, listens on {HOST} only",
+        "(the authenticated setup, with a login for each: infra/README.md)",
+    ]
 
 
 def display(path: Path) -> str:

@@ -324,6 +324,38 @@ def start_nanio(
     return service
 
 
+@dataclass(frozen=True)
+class MlflowAuth:
+    """Basic auth for :func:`start_mlflow` (MLflow's ``basic-auth`` app).
+
+    ``admin_username``/``admin_password`` become the admin user the first time the
+    server starts against an empty auth database (later starts ignore them: MLflow
+    keeps the stored password). ``secret_key`` is the Flask key MLflow's CSRF
+    protection needs. ``default_permission`` is what every user may do on
+    experiments nobody granted them (MLflow's own default is READ).
+    The password and key travel in the server's environment only, never in a file.
+    """
+
+    admin_username: str
+    # repr=False: a handle printed in a log or a test report shows no secret.
+    admin_password: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    default_permission: str = "READ"
+
+
+def write_mlflow_auth_config(path: Path, auth: MlflowAuth, database_uri: str) -> Path:
+    """The ``basic_auth.ini`` MLflow reads from ``MLFLOW_AUTH_CONFIG_PATH`` (no secrets in it)."""
+    path = Path(path)
+    path.write_text(
+        "[mlflow]\n"
+        f"default_permission = {auth.default_permission}\n"
+        f"database_uri = {database_uri}\n"
+        f"admin_username = {auth.admin_username}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return path
+
+
 def start_mlflow(
     backend_sqlite_path: Path,
     artifacts_destination: str,
@@ -332,6 +364,7 @@ def start_mlflow(
     env: Mapping[str, str] | None = None,
     log_path: Path | None = None,
     timeout: float = 90.0,
+    auth: MlflowAuth | None = None,
 ) -> Service:
     """MLflow tracking server: SQLite backend, artifacts proxied to S3.
 
@@ -341,18 +374,38 @@ def start_mlflow(
     only the server needs S3 credentials. Put them in ``env`` (``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``; ``s3_endpoint`` becomes ``MLFLOW_S3_ENDPOINT_URL``).
     ``service.url`` is the tracking URI.
+
+    With ``auth``, the server runs MLflow's ``basic-auth`` app (needs ``mlflow[auth]``):
+    its users live in ``basic_auth.db`` beside the backend, its config in
+    ``basic_auth.ini`` there (``service.extra["auth_config"]``); clients authenticate
+    with ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``. ``/health`` stays open.
     """
     port = port or free_port()
     backend = Path(backend_sqlite_path).resolve()
     backend.parent.mkdir(parents=True, exist_ok=True)
     log_path = log_path or backend.parent / f"mlflow-{port}.log"
-    full_env = {
+    full_env: dict[str, str | None] = {
         "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "AWS_DEFAULT_REGION": "us-east-1",
         **(env or {}),
     }
-    return start_service(
+    auth_args: list[str] = []
+    if auth is not None:
+        auth_config = write_mlflow_auth_config(
+            backend.parent / "basic_auth.ini", auth,
+            f"sqlite:///{backend.parent / 'basic_auth.db'}")
+        full_env |= {
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
+            "MLFLOW_AUTH_ADMIN_USERNAME": auth.admin_username,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": auth.admin_password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": auth.secret_key,
+            # The server must not act as a client of itself with someone's credentials.
+            "MLFLOW_TRACKING_USERNAME": None,
+            "MLFLOW_TRACKING_PASSWORD": None,
+        }
+        auth_args = ["--app-name", "basic-auth"]
+    service = start_service(
         "mlflow",
         [
             _bin("mlflow"),
@@ -368,6 +421,7 @@ def start_mlflow(
             "--serve-artifacts",
             "--artifacts-destination",
             artifacts_destination,
+            *auth_args,
         ],
         port=port,
         url=f"http://{HOST}:{port}",
@@ -376,6 +430,9 @@ def start_mlflow(
         env=full_env,
         timeout=timeout,
     )
+    if auth is not None:
+        service.extra["auth_config"] = backend.parent / "basic_auth.ini"
+    return service
 
 
 def start_prefect(
@@ -384,11 +441,17 @@ def start_prefect(
     ui: bool = True,
     log_path: Path | None = None,
     timeout: float = 120.0,
+    auth_string: str | None = None,
 ) -> Service:
     """Prefect server with its SQLite database under ``home_dir`` (``PREFECT_HOME``).
 
     ``service.url`` is the API URL (``http://127.0.0.1:P/api``) to put in
     ``PREFECT_API_URL`` for clients; ``service.extra["ui_url"]`` is the UI.
+
+    With ``auth_string`` (``user:password``) the server requires HTTP basic auth on
+    its API (``PREFECT_SERVER_API_AUTH_STRING``); clients send the same string from
+    ``PREFECT_API_AUTH_STRING``. ``/api/health`` stays open, so readiness is probed
+    as without it.
     """
     port = port or free_port()
     home = Path(home_dir).resolve()
@@ -404,6 +467,8 @@ def start_prefect(
         "PREFECT_UI_API_URL": f"{base}/api",
         "PREFECT_UI_ENABLED": "true" if ui else "false",
     }
+    if auth_string is not None:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
     cmd = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(port)]
     if not ui:
         cmd.append("--no-ui")

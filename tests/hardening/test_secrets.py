@@ -132,6 +132,117 @@ def test_secrets_appear_nowhere(planted: S3Info, mlflow_server: str, tmp_path: P
     assert found == {}
 
 
+# --- the authenticated setup: no credential in a step Job's manifest --------------------------
+
+PREFECT_AUTH = "tw-prefect:tw-planted-prefect-pass-" + "77c3e1a0"
+
+
+def worker_job(env_override: dict[str, str | None] | None = None) -> tuple[dict, dict]:
+    """The env and the Job a Kubernetes worker holding the auth string submits for a step.
+
+    Prefect's own code decides the env: `BaseJobConfiguration` (which the Kubernetes
+    worker's configuration extends) merges the worker's settings with the pool template's
+    `env` and drops null values. The manifest is the template filled by Prefect's
+    `apply_values`, with that env put in front of the template's container env, as the
+    Kubernetes worker does (`_populate_env_in_manifest`).
+    """
+    import asyncio
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+    from prefect.utilities.templating import apply_values
+    from prefect.workers.base import BaseJobConfiguration
+
+    from steps.core.jobs import job_variables, load_template
+
+    template = load_template()
+    values = job_variables("spectral") | ({"env": env_override} if env_override else {})
+    with temporary_settings({PREFECT_API_URL: "http://prefect-server:4200/api",
+                             PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
+        config = asyncio.run(BaseJobConfiguration.from_template_and_values(template, values))
+        config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="secret-check"))
+    defaults = {name: prop["default"] for name, prop in template["variables"]["properties"].items()
+                if prop.get("default") is not None}
+    job = apply_values(template["job_configuration"], defaults | values)["job_manifest"]
+    box = job["spec"]["template"]["spec"]["containers"][0]
+    box["env"] = [{"name": k, "value": v} for k, v in config.env.items()] + box["env"]
+    return config.env, job
+
+
+def test_step_job_manifest_holds_no_prefect_auth_string() -> None:
+    env, job = worker_job()
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"  # the worker's settings
+    assert "PREFECT_API_AUTH_STRING" not in env
+    text = json.dumps(job)
+    assert PREFECT_AUTH not in text and base64.b64encode(PREFECT_AUTH.encode()).decode() not in text
+    # ... and the step still authenticates: from the Secret, by reference.
+    box = job["spec"]["template"]["spec"]["containers"][0]
+    auth = [e for e in box["env"] if e["name"] == "PREFECT_API_AUTH_STRING"]
+    assert auth == [{"name": "PREFECT_API_AUTH_STRING", "valueFrom": {
+        "secretKeyRef": {"name": "prefect-auth", "key": "auth-string"}}}]
+    assert {e["secretRef"]["name"] for e in box["envFrom"] if "secretRef" in e} == {
+        "tailwise-s3", "tailwise-mlflow"}
+    assert not any(is_literal_secret(e) for e in box["env"])
+
+
+def test_a_deployments_own_env_keeps_the_auth_string_out() -> None:
+    """Prefect merges a deployment's `env` into the template's default, null entry included."""
+    env, job = worker_job({"HF_HUB_OFFLINE": "1"})
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert "PREFECT_API_AUTH_STRING" not in env and PREFECT_AUTH not in json.dumps(job)
+    # Only a deployment that names the string itself would put it back (the check is live).
+    env, job = worker_job({"PREFECT_API_AUTH_STRING": PREFECT_AUTH})
+    assert PREFECT_AUTH in json.dumps(job)
+
+
+def is_literal_secret(var: dict) -> bool:
+    return any(w in var["name"] for w in SECRET_NAME_WORDS) and "value" in var
+
+
+SECRET_NAME_WORDS = ("PASSWORD", "SECRET", "AUTH_STRING", "TOKEN")
+
+
+def literal_secrets(node: object, where: str = "") -> list[str]:
+    """Secret-named settings in a parsed config that hold a literal value.
+
+    A mapping key (`POSTGRES_PASSWORD: ...`) or an env entry (`name: ..., value: ...`)
+    naming a secret must hold a compose reference (`${VAR:?...}`), a Secret reference
+    (`valueFrom`), or nothing (null).
+    """
+    found = []
+    if isinstance(node, dict):
+        named = node.get("name") if isinstance(node.get("name"), str) else None
+        if named and any(w in named.upper() for w in SECRET_NAME_WORDS) and node.get("value"):
+            found.append(f"{where}.{named}")
+        for key, value in node.items():
+            secret_key = isinstance(key, str) and any(w in key.upper() for w in SECRET_NAME_WORDS)
+            if secret_key and isinstance(value, str) and not value.startswith("${"):
+                found.append(f"{where}.{key}")
+            found += literal_secrets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found += literal_secrets(item, f"{where}[{i}]")
+    return found
+
+
+def test_infra_configs_hold_no_credential() -> None:
+    """Every compose, Kubernetes, helm and pool-template setting that names a secret refers to
+    one; .env.example holds placeholders only."""
+    import yaml
+
+    configs = sorted((REPO / "infra").rglob("*.yaml")) + sorted((REPO / "infra").rglob("*.json"))
+    assert len(configs) >= 6
+    for path in configs:
+        text = path.read_text()
+        docs = [json.loads(text)] if path.suffix == ".json" else list(yaml.safe_load_all(text))
+        assert literal_secrets(docs, path.name) == [], path
+    assert literal_secrets({"X_PASSWORD": "hunter2"}) == [".X_PASSWORD"]  # the check is live
+    for line in (REPO / "infra/compose/.env.example").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if not line.startswith("#") and any(w in key for w in SECRET_NAME_WORDS):
+            assert "change-me" in value, line
+
+
 def test_unreachable_tracking_uri_does_not_echo_its_password() -> None:
     from steps.core.errors import TrackingError
     from steps.core.services import free_port
@@ -214,3 +325,7 @@ def test_stack_addresses_and_credentials_files(tmp_path: Path, monkeypatch) -> N
     assert len(secret) >= 32
     assert secret not in cfg.env_file.read_text()
     assert secret not in json.dumps(cfg.public_env())
+    # What `up` prints about the credentials: where they come from, never their values.
+    sources = "\n".join(stack.credential_sources(cfg))
+    assert cfg.credentials_file.name in sources and "MLflow" in sources and "Prefect" in sources
+    assert secret not in sources

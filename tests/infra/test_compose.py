@@ -20,7 +20,19 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = REPO / "infra" / "compose"
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, $VAR; $$ is a literal $.
 VARIABLE = re.compile(r"\$(?:\{(\w+)(?:(:?[-?+])([^}]*))?\}|(\w+))")
-SECRET_WORDS = ("PASSWORD", "SECRET")
+SECRET_WORDS = ("PASSWORD", "SECRET", "AUTH_STRING")
+# The secrets of .env each service may see, and no other: a service that gets another's
+# credentials could act as it. A new service must be listed here.
+OWN_SECRETS = {
+    "postgres": {"POSTGRES_PASSWORD", "PREFECT_DB_PASSWORD", "MLFLOW_DB_PASSWORD"},
+    "minio": {"MINIO_ROOT_PASSWORD"},
+    "minio-setup": {"MINIO_ROOT_PASSWORD", "MLFLOW_S3_SECRET_KEY", "TAILWISE_S3_SECRET_KEY"},
+    "mlflow": {"MLFLOW_DB_PASSWORD", "MLFLOW_S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD",
+               "MLFLOW_FLASK_SECRET_KEY"},
+    "mlflow-setup": {"MLFLOW_ADMIN_PASSWORD", "TAILWISE_MLFLOW_PASSWORD"},
+    "prefect-server": {"PREFECT_DB_PASSWORD", "PREFECT_AUTH_STRING"},
+    "prefect-worker": {"TAILWISE_S3_SECRET_KEY", "TAILWISE_MLFLOW_PASSWORD", "PREFECT_AUTH_STRING"},
+}
 
 
 def compose_schema() -> dict[str, Any]:
@@ -148,3 +160,74 @@ def test_no_credentials_are_written_in_the_compose_file() -> None:
                 assert str(value).startswith("${"), f"{name}.{key} is written in the file"
             if "://" in str(value) and "@" in str(value):  # user:password@host
                 assert "${" in str(value).split("@")[0], f"{name}.{key} embeds a password"
+
+
+def is_secret(name: str) -> bool:
+    return any(word in name for word in SECRET_WORDS)
+
+
+def references(node: Any) -> list[re.Match]:
+    """Every compose variable reference in `node`'s values ($$ is the container's, skipped)."""
+    return [match for text in strings(node) for part in text.split("$$")
+            for match in VARIABLE.finditer(part)]
+
+
+def secrets_of(service: dict[str, Any]) -> set[str]:
+    return {name for m in references(service) if is_secret(name := m.group(1) or m.group(4))}
+
+
+def test_every_service_gets_only_its_own_credentials() -> None:
+    services = raw_compose()["services"]
+    assert set(services) == set(OWN_SECRETS), "list each service's secrets in OWN_SECRETS"
+    for name, service in services.items():
+        assert secrets_of(service) == OWN_SECRETS[name], name
+    # The ones that matter most, spelt out.
+    worker, mlflow = secrets_of(services["prefect-worker"]), secrets_of(services["mlflow"])
+    assert "MINIO_ROOT_PASSWORD" not in worker and "MLFLOW_ADMIN_PASSWORD" not in worker
+    assert "TAILWISE_S3_SECRET_KEY" not in mlflow and "TAILWISE_MLFLOW_PASSWORD" not in mlflow
+    assert "MLFLOW_FLASK_SECRET_KEY" not in secrets_of(services["mlflow-setup"])
+
+
+def test_services_authenticate_to_each_other() -> None:
+    services = raw_compose()["services"]
+    mlflow = services["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"]
+    assert mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"] in {
+        c["target"] for c in mlflow["configs"]}
+    ini = raw_compose()["configs"]["mlflow-auth-ini"]["content"]
+    assert "database_uri = sqlite:////var/lib/mlflow-auth/" in ini
+    assert not any(is_secret(line.split("=")[0].upper()) for line in ini.splitlines())
+    assert any(v.endswith(":/var/lib/mlflow-auth") for v in mlflow["volumes"])
+    prefect = services["prefect-server"]["environment"]
+    worker = services["prefect-worker"]["environment"]
+    assert prefect["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+    assert worker["PREFECT_API_AUTH_STRING"].startswith("${PREFECT_AUTH_STRING:?")
+    assert worker["MLFLOW_TRACKING_USERNAME"].startswith("${TAILWISE_MLFLOW_USERNAME:?")
+    setup = services["mlflow-setup"]
+    assert setup["environment"]["MLFLOW_TRACKING_USERNAME"].startswith("${MLFLOW_ADMIN_USERNAME:?")
+    assert setup["command"] == ["python", "/opt/tailwise/mlflow_setup.py"]
+    assert "COPY mlflow_setup.py /opt/tailwise/mlflow_setup.py" in \
+        mlflow["build"]["dockerfile_inline"]
+    assert (COMPOSE_DIR / mlflow["build"]["context"] / "mlflow_setup.py").is_file()
+    assert "mlflow[auth]==" in mlflow["build"]["dockerfile_inline"]
+    # The steps wait until their MLflow user exists.
+    assert services["prefect-worker"]["depends_on"]["mlflow-setup"]["condition"] == \
+        "service_completed_successfully"
+
+
+def test_no_secret_has_a_default_value() -> None:
+    """Secrets come from .env or compose stops: never `${VAR:-default}`, never a bare `$VAR`."""
+    for match in references(raw_compose()):
+        name = match.group(1) or match.group(4)
+        if is_secret(name):
+            assert match.group(2) == ":?", f"{match.group(0)}: use ${{{name}:?...}}"
+    for key, value in env_example().items():
+        if is_secret(key):
+            assert "change-me" in value, f".env.example {key} is not a placeholder"
+
+
+def test_a_missing_secret_stops_compose() -> None:
+    env = env_example()
+    del env["TAILWISE_MLFLOW_PASSWORD"]
+    with pytest.raises(KeyError, match="TAILWISE_MLFLOW_PASSWORD"):
+        interpolate(raw_compose(), env)

@@ -35,12 +35,50 @@ K8S_VERSION = "1.33"
 STEPS = sorted(load_steps()["steps"])
 GPU_STEPS = [s for s in STEPS if load_steps()["steps"][s]["gpu"] > 0]
 CPU_STEPS = [s for s in STEPS if load_steps()["steps"][s]["gpu"] == 0]
+SECRET_WORDS = ("PASSWORD", "SECRET", "AUTH_STRING", "TOKEN")
+# The Secrets each workload may read, and no other (a workload that can read another's
+# credentials can act as it). "step-job" is the pool template every step Job comes from;
+# the two charts are configured by the *-values.yaml files. A new workload must be listed.
+OWN_SECRETS = {
+    "StatefulSet/minio": {"minio-root"},
+    "Job/minio-setup": {"minio-root", "tailwise-s3", "mlflow-s3"},
+    "Deployment/mlflow": {"mlflow-db", "mlflow-s3", "mlflow-auth"},
+    "Job/mlflow-setup": {"mlflow-auth", "tailwise-mlflow"},
+    "step-job": {"tailwise-s3", "tailwise-mlflow", "prefect-auth"},
+    "chart/prefect-worker": {"prefect-auth"},
+    "chart/prefect-server": {"prefect-auth"},
+}
 
 
 def manifests() -> list[tuple[str, dict[str, Any]]]:
+    """The Kubernetes objects (helm values files are not objects)."""
     return [(f"{path.name}#{i}", doc)
-            for path in sorted(K8S.glob("*.yaml")) if path.name != "prefect-worker-values.yaml"
+            for path in sorted(K8S.glob("*.yaml")) if not path.name.endswith("-values.yaml")
             for i, doc in enumerate(yaml.safe_load_all(path.read_text()))]
+
+
+def helm_values(chart: str) -> dict[str, Any]:
+    return yaml.safe_load((K8S / f"{chart}-values.yaml").read_text())
+
+
+def workload(kind: str, name: str) -> dict[str, Any]:
+    return next(doc for _, doc in manifests()
+                if doc["kind"] == kind and doc["metadata"]["name"] == name)
+
+
+def secret_names(node: Any) -> set[str]:
+    """The Secrets `node` reads: by secretKeyRef and by secretRef (envFrom)."""
+    return {ref["name"] for ref in walk(node, "secretKeyRef") + walk(node, "secretRef")}
+
+
+def template_secret_defaults() -> dict[str, str]:
+    """The pool template's `*_secret` variables and the Secret each names by default."""
+    return {key: prop["default"] for key, prop in load_template()["variables"]["properties"].items()
+            if key.endswith("_secret")}
+
+
+def is_secret(name: str) -> bool:
+    return any(word in name.upper() for word in SECRET_WORDS)
 
 
 def container(job: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +108,7 @@ def test_manifest_is_valid_kubernetes(name: str) -> None:
 
 def test_validator_is_live() -> None:
     """A misspelt field fails strict validation, so the passes above mean something."""
-    doc = copy.deepcopy(dict(manifests())["mlflow.yaml#1"])
+    doc = copy.deepcopy(workload("Deployment", "mlflow"))
     doc["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -80,16 +118,19 @@ def test_expected_objects_exist() -> None:
     kinds = {(doc["kind"], doc["metadata"]["name"]) for _, doc in manifests()}
     assert {("Deployment", "mlflow"), ("Service", "mlflow"), ("StatefulSet", "minio"),
             ("Service", "minio"), ("ConfigMap", "tailwise-config"),
-            ("ServiceAccount", "tailwise-steps")} <= kinds
+            ("ServiceAccount", "tailwise-steps"), ("Job", "mlflow-setup"),
+            ("ConfigMap", "mlflow-auth-config"), ("PersistentVolumeClaim", "mlflow-auth")} <= kinds
 
 
 def test_secrets_are_referenced_by_name_and_documented() -> None:
     docs = [doc for _, doc in manifests()]
     assert not [d for d in docs if d["kind"] == "Secret"], "Secrets are created, not committed"
-    names = {ref["name"] for d in docs for ref in walk(d, "secretKeyRef") + walk(d, "secretRef")}
-    names |= {prop["default"] for key, prop in load_template()["variables"]["properties"].items()
-              if key == "s3_secret"}
-    assert names >= {"minio-root", "tailwise-s3", "mlflow-s3", "mlflow-db"}
+    names = {name for d in docs for name in secret_names(d)}
+    names |= set(template_secret_defaults().values())
+    for chart in ("prefect-worker", "prefect-server"):
+        names |= secret_names(helm_values(chart))
+    assert names == {"minio-root", "tailwise-s3", "mlflow-s3", "mlflow-db", "mlflow-auth",
+                     "tailwise-mlflow", "prefect-auth"}
     readme = (REPO / "infra" / "README.md").read_text()
     for name in names:
         assert f"secret generic {name}" in readme, f"infra/README.md does not create {name}"
@@ -192,3 +233,71 @@ def test_worker_values_point_at_the_pool_and_template() -> None:
             "infra/k8s/prefect-base-job-template.json") in readme
     assert f"--pool {worker['config']['workPool']}" in readme or \
         f"work-pool create {worker['config']['workPool']}" in readme
+
+
+def workload_secrets() -> dict[str, set[str]]:
+    found = {f"{doc['kind']}/{doc['metadata']['name']}": secret_names(doc)
+             for _, doc in manifests() if doc["kind"] in ("Deployment", "StatefulSet", "Job")}
+    job = render_job("spectral")  # every step's Job: only the image and resources differ
+    found["step-job"] = secret_names(job) | secret_names(load_template()["job_configuration"])
+    found["step-job"] = {template_secret_defaults().get(n.strip("{} "), n)
+                         for n in found["step-job"]}
+    for chart in ("prefect-worker", "prefect-server"):
+        found[f"chart/{chart}"] = secret_names(helm_values(chart))
+    return found
+
+
+def test_every_workload_gets_only_its_own_secrets() -> None:
+    found = workload_secrets()
+    assert set(found) == set(OWN_SECRETS), "list each workload's Secrets in OWN_SECRETS"
+    for name, secrets in found.items():
+        assert secrets == OWN_SECRETS[name], name
+    # The setup Job needs the admin's login, not the key that signs MLflow's UI sessions.
+    setup = workload("Job", "mlflow-setup")
+    keys = {ref["key"] for ref in walk(setup, "secretKeyRef") if ref["name"] == "mlflow-auth"}
+    assert keys == {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"}
+    assert not walk(setup, "secretRef"), "envFrom would hand it the whole mlflow-auth Secret"
+
+
+def test_no_secret_is_written_as_a_literal() -> None:
+    """A secret-named env var always comes from a Secret (valueFrom), never `value:`."""
+    documents = [doc for _, doc in manifests()] + [
+        load_template()["job_configuration"], helm_values("prefect-worker"),
+        helm_values("prefect-server")]
+    for doc in documents:
+        for env in walk(doc, "env") + walk(doc, "extraEnvVars"):
+            for var in env if isinstance(env, list) else []:
+                if is_secret(var["name"]):
+                    assert "valueFrom" in var and "value" not in var, var
+    # The pool template's env default may only blank secrets out (see the next test).
+    default_env = load_template()["variables"]["properties"]["env"]["default"]
+    assert all(value is None for key, value in default_env.items() if is_secret(key))
+    # The charts' literal auth strings are never used.
+    assert not walk([helm_values("prefect-worker"), helm_values("prefect-server")], "authString")
+
+
+def test_mlflow_runs_basic_auth_from_its_secret() -> None:
+    mlflow = workload("Deployment", "mlflow")
+    box = container(mlflow)
+    assert "--app-name=basic-auth" in box["args"]
+    config_path = next(e["value"] for e in box["env"] if e["name"] == "MLFLOW_AUTH_CONFIG_PATH")
+    mounts = {m["name"]: m["mountPath"] for m in box["volumeMounts"]}
+    assert config_path.startswith(mounts["auth-config"] + "/")
+    ini = workload("ConfigMap", "mlflow-auth-config")["data"][Path(config_path).name]
+    assert f"sqlite:///{mounts['auth-db']}/" in ini
+    assert not any(is_secret(line.split("=")[0]) for line in ini.splitlines())
+    assert mlflow["spec"]["replicas"] == 1 and mlflow["spec"]["strategy"]["type"] == "Recreate"
+    setup = container(workload("Job", "mlflow-setup"))
+    assert setup["command"] == ["python", "/opt/tailwise/mlflow_setup.py"]
+    assert setup["image"] == box["image"]
+
+
+def test_step_jobs_read_their_credentials_from_secrets() -> None:
+    job = render_job("spectral")
+    refs = {e["secretRef"]["name"] for e in container(job)["envFrom"] if "secretRef" in e}
+    assert refs == {"tailwise-s3", "tailwise-mlflow"}
+    template_env = load_template()["job_configuration"]["job_manifest"]["spec"]["template"][
+        "spec"]["containers"][0]["env"]
+    auth = next(e for e in template_env if e["name"] == "PREFECT_API_AUTH_STRING")
+    assert auth["valueFrom"]["secretKeyRef"] == {"name": "{{ prefect_auth_secret }}",
+                                                 "key": "auth-string"}
