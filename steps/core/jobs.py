@@ -119,7 +119,8 @@ def render_job(step_name: str, overrides: dict[str, Any] | None = None, *,
 
     # What the Kubernetes worker adds before it submits the Job:
     container = job["spec"]["template"]["spec"]["containers"][0]
-    env = config.get("env") or {}
+    # A null value is dropped (the template's own entry, e.g. a secretKeyRef, stays).
+    env = {key: value for key, value in (config.get("env") or {}).items() if value is not None}
     listed = [{"name": key, "value": value} for key, value in env.items()]
     container["env"] = listed + [e for e in container.get("env", []) if e["name"] not in env]
     args = config.get("command") or FLOW_RUN_COMMAND

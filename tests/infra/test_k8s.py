@@ -301,3 +301,7 @@ def test_step_jobs_read_their_credentials_from_secrets() -> None:
     auth = next(e for e in template_env if e["name"] == "PREFECT_API_AUTH_STRING")
     assert auth["valueFrom"]["secretKeyRef"] == {"name": "{{ prefect_auth_secret }}",
                                                  "key": "auth-string"}
+    # The pool's null default keeps the worker's own string out; the Secret reference stays.
+    rendered = [e for e in container(job)["env"] if e["name"] == "PREFECT_API_AUTH_STRING"]
+    assert rendered == [{"name": "PREFECT_API_AUTH_STRING", "valueFrom": {"secretKeyRef": {
+        "name": "prefect-auth", "key": "auth-string"}}}]
