@@ -70,7 +70,8 @@ def main() -> int:
     print(f"{len(rows)} fuzz tests, {total} examples, {sum(r[3] for r in rows):.0f} s; "
           f"pytest: {done.stdout.strip().splitlines()[-1] if done.stdout.strip() else '?'}")
     if done.returncode:
-        print(done.stdout[-6000:], done.stderr[-3000:], sep="\n")
+        failures = done.stdout.split("Hypothesis Statistics")[0]
+        print(failures[-8000:], done.stderr[-3000:], sep="\n")
         print(f"replay: TAILWISE_FUZZ_EXAMPLES={args.examples} TAILWISE_FUZZ_RANDOM=1 "
               f"pytest {' '.join(FUZZ_TESTS)} --hypothesis-seed={args.seed}")
     return done.returncode

@@ -19,3 +19,10 @@ class TrackingError(TailwiseError):
 
 class ParamsError(TailwiseError):
     """A step's parameters or request are invalid."""
+
+
+def one_line(text: object) -> str:
+    """A library's message made safe to quote in ours: control characters (a newline in a
+    hostile tensor name) escaped, so the error stays one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode()
+                   for c in str(text))

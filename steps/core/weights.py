@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from steps.core.errors import TailwiseError
+from steps.core.errors import TailwiseError, one_line
 
 LAYER_TYPES = ("linear", "conv1d", "conv2d", "embedding")
 
@@ -224,7 +224,8 @@ class _SafetensorsSource(_Source):
             with safe_open(str(entry.file), framework="pt") as handle:
                 tensor = handle.get_tensor(entry.key)
         except Exception as err:  # SafetensorError is not importable by a stable name
-            raise WeightsError(f"{entry.file}: cannot read tensor {entry.key!r} ({err})") from err
+            raise WeightsError(f"{entry.file}: cannot read tensor {entry.key!r} "
+                               f"({one_line(err)})") from err
         return tensor.t() if entry.transpose else tensor
 
 
@@ -313,7 +314,7 @@ def _read_header(file: Path) -> list[tuple[str, tuple[int, ...], str]]:
                 tensor_slice = handle.get_slice(key)
                 entries.append((key, tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()))
     except Exception as err:  # corrupt, truncated or not safetensors at all
-        raise WeightsError(f"{file}: not a readable safetensors file ({err})") from err
+        raise WeightsError(f"{file}: not a readable safetensors file ({one_line(err)})") from err
     if not entries:
         raise WeightsError(f"{file}: the safetensors file holds no tensors")
     return entries

@@ -304,3 +304,13 @@ def test_sparse_terabyte_file_is_listed_and_skipped_without_reading(tmp_path: Pa
 
 def test_errors_are_tailwise_errors() -> None:
     assert issubclass(WeightsError, TailwiseError)
+
+
+def test_control_characters_in_a_tensor_name_stay_on_one_line(tmp_path: Path) -> None:
+    """Found by bench/fuzz.py: safetensors quotes the name in its own message."""
+    path = tmp_path / "newline.safetensors"
+    path.write_bytes(safetensors_bytes({"\n": {"dtype": "F64", "shape": [],
+                                              "data_offsets": [1, 0]}}))
+    with pytest.raises(WeightsError) as caught:
+        list_weight_matrices(path)
+    assert "\n" not in str(caught.value) and "\\n" in str(caught.value)
