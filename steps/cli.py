@@ -294,6 +294,8 @@ def prune(
     nsamples: Annotated[int, typer.Option(help="Calibration sequences.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 2048,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_tokens: Annotated[int | None, typer.Option(
+        help="Calibration tokens per block call (whole sequences) [default: 512].")] = None,
     output: Annotated[Path | None, typer.Option(help="Write the pruned model here.")] = None,
     store: StoreOption = None,
 ) -> None:
@@ -306,6 +308,8 @@ def prune(
         inputs["calibration"] = input_ref(the_store, calibration, "text")
     params = {"method": method, "sparsity": sparsity, "nm": nm, "nsamples": nsamples,
               "seqlen": seqlen, "device": device}
+    if batch_tokens is not None:
+        params["batch_tokens"] = batch_tokens
     _, result = run_and_report("prune", params, inputs, store)
     if output:
         print(the_store.get(result.outputs["model"].digest, output))

@@ -42,7 +42,8 @@ def test_spectral_allocate_prune_evaluate(setup):
     assert {"name", "sparsity"} <= set(decisions.column_names)
     done = tailwise("prune", str(model), "--method", "wanda", "--allocation",
                     str(root / "decisions.parquet"), "--calibration", str(text), "--nsamples",
-                    "2", "--seqlen", "64", "--output", str(root / "pruned"), env=env)
+                    "2", "--seqlen", "64", "--batch-tokens", "128", "--output",
+                    str(root / "pruned"), env=env)
     assert done.returncode == 0, done.stderr
     report = pq.read_table(root / "pruned" / "sparsity_report.parquet")
     targets = dict(zip(decisions["name"].to_pylist(), decisions["sparsity"].to_pylist(),
@@ -68,6 +69,8 @@ def test_prune_bad_input(setup):
                          "invalid parameter sparsity")
     assert_clean_failure(tailwise("prune", str(model), "--method", "magnitude", "--nm", "4:2",
                                   env=env), "4:2")
+    assert_clean_failure(tailwise("prune", str(model), "--sparsity", "0.5", "--batch-tokens",
+                                  "0", env=env), "invalid parameter batch_tokens")
     alien = root / "alien.parquet"
     pq.write_table(pa.table({"name": ["model.layers.0.nope"], "sparsity": [0.5]}), alien)
     assert_clean_failure(tailwise("prune", str(model), "--method", "magnitude", "--allocation",

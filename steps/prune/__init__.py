@@ -5,6 +5,7 @@ report = prune(model, tokenizer, method="wanda", sparsity=0.5, calibration_text=
 save_pruned(model, tokenizer, "pruned/", report)
 """
 
+from steps.core.blocks import DEFAULT_BATCH_TOKENS
 from steps.core.calibration import (
     DEFAULT_NSAMPLES,
     DEFAULT_SEQLEN,
@@ -25,6 +26,7 @@ from steps.prune.api import (
 from steps.prune.masks import Pattern, PatternError
 
 __all__ = [
+    "DEFAULT_BATCH_TOKENS",
     "DEFAULT_NSAMPLES",
     "DEFAULT_SEQLEN",
     "METHODS",

@@ -23,12 +23,18 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from steps.core.blocks import calibrated_blocks, find_blocks, fit_seqlen, weight_matrix
+from steps.core.blocks import (
+    DEFAULT_BATCH_TOKENS,
+    calibrated_blocks,
+    find_blocks,
+    fit_seqlen,
+    weight_matrix,
+)
 from steps.core.calibration import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_input_ids
 from steps.core.errors import TailwiseError
 from steps.core.factory import save_hf
 from steps.prune import magnitude, sparsegpt, wanda
-from steps.prune.masks import Pattern
+from steps.prune.masks import Pattern, count_zeros
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 REPORT_FILE = "sparsity_report.parquet"
@@ -160,16 +166,21 @@ def prune(
     seqlen: int = DEFAULT_SEQLEN,
     seed: int = 0,
     device: str = "auto",
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
 ) -> pa.Table:
     """Prune the model's decoder-block layers in place; returns the per-layer report
     (name, target, achieved, params).
 
     Wanda and SparseGPT run `nsamples` sequences of `seqlen` tokens from calibration_text
     (seqlen shrinks to the model's context, with a warning), one block at a time on `device`
-    ("auto", "cpu", "cuda"); the model stays where it was. Magnitude needs no calibration.
+    ("auto", "cpu", "cuda"); the model stays where it was. A block runs on up to
+    `batch_tokens` calibration tokens at once (whole sequences, at least one): fewer, larger
+    calls, the same statistics up to float rounding. Magnitude needs no calibration.
     """
     if method not in METHODS:
         raise PruneError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise PruneError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
     layers = find_blocks(model).all_layers()
     patterns = layer_patterns(layers, sparsity=sparsity, allocation=allocation, nm=nm)
     if method == "magnitude":
@@ -184,7 +195,10 @@ def prune(
         tokenizer, calibration_text, nsamples=nsamples, seqlen=fit_seqlen(model, seqlen), seed=seed
     )
     use_hessian = method == "sparsegpt"
-    for block in calibrated_blocks(model, input_ids, device=device, hessian=use_hessian):
+    blocks = calibrated_blocks(
+        model, input_ids, device=device, hessian=use_hessian, batch_tokens=batch_tokens
+    )
+    for block in blocks:
         for name, layer in block.layers.items():
             if patterns[name].sparsity == 0:
                 continue
@@ -200,7 +214,7 @@ def sparsity_report(layers: Mapping[str, nn.Module], patterns: Mapping[str, Patt
     rows = []
     for name, layer in layers.items():
         weight = weight_matrix(layer)
-        zeros = int((weight == 0).sum())
+        zeros = count_zeros(weight)
         rows.append((name, patterns[name].sparsity, zeros / weight.numel(), weight.numel()))
     columns = list(zip(*rows, strict=True)) if rows else [[], [], [], []]
     return pa.table([list(c) for c in columns], schema=REPORT_SCHEMA)

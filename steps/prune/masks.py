@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from steps.core.errors import TailwiseError
@@ -34,14 +35,31 @@ def pruned_count(total: int, sparsity: float) -> int:
     return round(total * sparsity)
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def kth_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th lowest score along the last dimension (1 <= k <= its size), kept as a
+    dimension of size 1."""
+    if scores.device.type == "cpu" and scores.dtype in _NUMPY_FLOATS:
+        # numpy's introselect (np.partition) is about 6x faster on CPU than torch's topk or
+        # kthvalue on rows of a few hundred to ten thousand scores; it works on a copy.
+        partitioned = np.partition(scores.detach().numpy(), k - 1, axis=-1)
+        return torch.from_numpy(np.ascontiguousarray(partitioned[..., k - 1 : k]))
+    return scores.topk(k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+
+
 def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the k lowest scores along the last dimension; among equal scores the first
     positions go first (as a stable sort). Uses a selection, not a full sort."""
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    kth = scores.kthvalue(k, dim=-1, keepdim=True).values
+    kth = kth_lowest(scores, k)
+    at_most = scores <= kth
+    if int(at_most.count_nonzero()) == k * (scores.numel() // scores.shape[-1]):
+        return at_most  # no score equal to the k-th lowest is left out: nothing to break
     below = scores < kth
-    ties = scores == kth
+    ties = at_most & ~below
     still_needed = k - below.sum(dim=-1, keepdim=True)
     return below | (ties & (ties.cumsum(dim=-1) <= still_needed))
 
@@ -74,3 +92,21 @@ def select(scores: torch.Tensor, pattern: Pattern, *, per_row: bool) -> torch.Te
     if per_row:
         return lowest_per_row(scores, pattern.sparsity)
     return lowest_overall(scores, pattern.sparsity)
+
+
+def zero_masked(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Set weight to +0.0 where mask is True, in place.
+
+    A multiply by the kept mask, several times faster on CPU than weight[mask] = 0 or
+    masked_fill_ (whose per-element branch mispredicts on a half-random mask); adding 0.0
+    turns the -0.0 of negative pruned weights into +0.0. Pruned weights are finite (the
+    lowest scores), so no 0 * inf appears.
+    """
+    weight.mul_(mask.logical_not()).add_(0.0)
+
+
+def count_zeros(weight: torch.Tensor) -> int:
+    """How many entries are exactly zero (numpy's count on CPU: several times faster)."""
+    if weight.device.type == "cpu" and weight.dtype in _NUMPY_FLOATS:
+        return int(np.count_nonzero(weight.detach().numpy() == 0))
+    return int((weight == 0).count_nonzero())

@@ -9,7 +9,14 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from steps.core.step import Output, Step, StepContext
-from steps.prune.api import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, REPORT_FILE, prune, save_pruned
+from steps.prune.api import (
+    DEFAULT_BATCH_TOKENS,
+    DEFAULT_NSAMPLES,
+    DEFAULT_SEQLEN,
+    REPORT_FILE,
+    prune,
+    save_pruned,
+)
 
 
 class PruneParams(BaseModel):
@@ -22,6 +29,9 @@ class PruneParams(BaseModel):
                         "(shrunk to the model's context).")
     seed: int = Field(0, ge=0)
     device: str = Field("auto", description="auto, cpu or cuda.")
+    batch_tokens: int = Field(DEFAULT_BATCH_TOKENS, ge=1, description="Calibration tokens "
+                              "per block call (whole sequences, at least one; a GPU may "
+                              "gain from more).")
 
 
 def prune_step(ctx: StepContext, params: PruneParams, inputs: dict[str, Path]) -> dict:
@@ -42,7 +52,8 @@ def prune_step(ctx: StepContext, params: PruneParams, inputs: dict[str, Path]) -
         report = prune(model, tokenizer, method=params.method, sparsity=params.sparsity,
                        allocation=inputs.get("allocation"), nm=params.nm,
                        calibration_text=inputs.get("calibration"), nsamples=params.nsamples,
-                       seqlen=params.seqlen, seed=params.seed, device=params.device)
+                       seqlen=params.seqlen, seed=params.seed, device=params.device,
+                       batch_tokens=params.batch_tokens)
     out = save_pruned(model, tokenizer, ctx.workdir / "pruned", report)
     achieved = pq.read_table(out / REPORT_FILE)
     total = sum(achieved["params"].to_pylist())

@@ -14,10 +14,12 @@ from steps.core.blocks import (
     find_blocks,
     outlier_ratios,
     resolve_device,
+    sequences_per_chunk,
     weight_matrix,
 )
 from steps.core.errors import TailwiseError
 from steps.core.factory import build_model
+from steps.prune import Pattern, wanda
 
 
 @pytest.mark.parametrize(
@@ -154,3 +156,70 @@ def test_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(DeviceError, match="no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_sequences_per_chunk_fit_the_token_budget(calibration_ids: torch.Tensor) -> None:
+    assert calibration_ids.shape == (4, 64)
+    assert sequences_per_chunk(calibration_ids, 1) == 1  # always at least one sequence
+    assert sequences_per_chunk(calibration_ids, 191) == 2
+    assert sequences_per_chunk(calibration_ids, 192) == 3
+    assert sequences_per_chunk(calibration_ids, 10**6) == 4
+    for bad in (0, -64, 64.0, True):
+        with pytest.raises(ValueError, match="batch_tokens must be a positive integer"):
+            sequences_per_chunk(calibration_ids, bad)
+
+
+def _calibrate_and_prune(name: str, input_ids: torch.Tensor, batch_tokens: int):
+    """Per-layer statistics of a Wanda run at 50 % (modified propagation), and the weights."""
+    model = tiny_model(name)
+    stats = {}
+    for block in calibrated_blocks(model, input_ids, hessian=True, batch_tokens=batch_tokens):
+        stats.update(block.stats)
+        for layer_name, layer in block.layers.items():
+            wanda.prune_layer(layer, block.stats[layer_name], Pattern(0.5))
+    return stats, model.state_dict()
+
+
+@pytest.mark.parametrize("name", TINY_LMS)
+def test_chunked_calibration_matches_batch_one(name: str, calibration_ids: torch.Tensor) -> None:
+    """Chunks of 3 sequences (4 = 3 + 1, a smaller last chunk) and one chunk of all 4 give the
+    batch-1 statistics up to float rounding, and the same Wanda masks."""
+    stats_1, weights_1 = _calibrate_and_prune(name, calibration_ids, batch_tokens=64)
+    for batch_tokens in (3 * 64, 10**6):
+        stats, weights = _calibrate_and_prune(name, calibration_ids, batch_tokens)
+        assert list(stats) == list(stats_1)
+        for layer_name, expected in stats_1.items():
+            assert stats[layer_name].tokens == expected.tokens == calibration_ids.numel()
+            torch.testing.assert_close(stats[layer_name].sq_norms, expected.sq_norms)
+            torch.testing.assert_close(
+                stats[layer_name].hessian, expected.hessian, rtol=1e-5, atol=1e-4
+            )
+        for key, value in weights_1.items():
+            assert torch.equal(weights[key] == 0, value == 0), key
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("propagate", ["modified", "dense"])
+def test_statistics_pass_stops_at_the_last_layer_input(
+    propagate: str, calibration_ids: torch.Tensor
+) -> None:
+    """With modified propagation the block's last layer (down_proj) runs only when its output
+    is needed: in the propagation pass (not after the model's last block, whose output no
+    block reads), and once in the very first run (which finds it)."""
+    model = build_model("tiny-llama")
+    calls = {0: 0, 1: 0}
+    handles = [
+        block.mlp.down_proj.register_forward_hook(
+            lambda *_args, i=i: calls.__setitem__(i, calls[i] + 1)
+        )
+        for i, block in enumerate(find_blocks(model).modules)
+    ]
+    chunks = len(calibration_ids)  # batch_tokens=64: one sequence per chunk
+    for block in calibrated_blocks(model, calibration_ids, propagate=propagate, batch_tokens=64):
+        assert block.stats[f"model.layers.{block.index}.mlp.down_proj"].tokens == 4 * 64
+    for handle in handles:
+        handle.remove()
+    if propagate == "modified":
+        assert calls == {0: chunks + 1, 1: 0}
+    else:
+        assert calls == {0: chunks, 1: chunks}

@@ -37,6 +37,8 @@ def _assert_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -
         ({}, "give a sparsity"),
         ({"allocation": {"model.layers.0.mlp.up_proj": 1.5}}, "up_proj: sparsity 1.5"),
         ({"method": "random", "sparsity": 0.5}, "unknown pruning method 'random'"),
+        ({"sparsity": 0.5, "batch_tokens": 0}, "batch_tokens must be a positive integer, got 0"),
+        ({"sparsity": 0.5, "batch_tokens": 2.5}, "batch_tokens must be a positive integer"),
     ],
 )
 def test_bad_requests_change_nothing(request_: dict, message: str, tokenizer, kjv) -> None:

@@ -11,6 +11,7 @@ from conftest import TINY_LMS, tiny_model
 
 from steps.core.blocks import calibrated_blocks, find_blocks, weight_matrix
 from steps.prune import Pattern, magnitude, prune, sparsegpt, wanda
+from steps.prune.masks import count_zeros, lowest_k, zero_masked
 
 CALIBRATION = {"nsamples": 4, "seqlen": 64, "seed": 0, "device": "cpu"}
 
@@ -68,11 +69,11 @@ def test_wanda_equals_a_brute_force_reference(calibration_ids: torch.Tensor) -> 
     handle = layer.register_forward_hook(lambda _m, args, _o: inputs.append(args[0].detach()))
     for block in calibrated_blocks(model, calibration_ids):
         if block.index == 1:
+            handle.remove()  # the statistics pass is done: keep only its inputs
             original = layer.weight.detach().clone()
             wanda.prune_layer(layer, block.stats[name], Pattern(0.3))
-    handle.remove()
-    # Hooks ran twice per sequence in block 1 (statistics, then propagation): keep the first.
-    x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs[: len(calibration_ids)]])
+    x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
+    assert x.shape[0] == calibration_ids.numel()
     column_norms = [sum(v * v for v in x[:, j].tolist()) ** 0.5 for j in range(x.shape[1])]
     out_features, in_features = original.shape
     k = round(0.3 * in_features)
@@ -156,3 +157,39 @@ def test_calibration_changes_wanda_masks(tokenizer, kjv) -> None:
     mask_w = weight_matrix(find_blocks(wanda_model).all_layers()[layer]) == 0
     mask_m = weight_matrix(find_blocks(reference).all_layers()[layer]) == 0
     assert not torch.equal(mask_w, mask_m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_lowest_k_breaks_ties_by_position(dtype: torch.dtype) -> None:
+    """Equal scores across the cut go first-position first, as a stable sort; without ties
+    the mask is the k lowest. (bfloat16 takes torch's selection, the others numpy's.)"""
+    scores = torch.tensor(
+        [[3.0, 1.0, 2.0, 1.0, 2.0, 2.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]], dtype=dtype
+    )
+    mask = lowest_k(scores, 3)
+    assert mask.tolist() == [
+        [False, True, True, True, False, False],  # both 1s, then the first 2
+        [False, False, False, True, True, True],
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for high in (4, 10**6):  # many ties; hardly any
+        values = torch.randint(0, high, (50, 40), generator=generator).to(dtype)
+        for k in (1, 13, 20, 39, 40):
+            order = torch.sort(values, dim=1, stable=True).indices[:, :k]
+            expected = torch.zeros_like(values, dtype=torch.bool).scatter_(1, order, True)
+            assert torch.equal(lowest_k(values, k), expected), (high, k)
+        assert not lowest_k(values, 0).any()
+
+
+def test_zero_masked_writes_positive_zeros() -> None:
+    weight = torch.tensor([[-1.5, 2.0, -3.0], [4.0, -0.5, 6.0]])
+    zero_masked(weight, torch.tensor([[True, False, True], [False, True, False]]))
+    assert weight.tolist() == [[0.0, 2.0, 0.0], [4.0, 0.0, 6.0]]
+    assert not torch.signbit(weight).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_count_zeros_counts_exact_zeros(dtype: torch.dtype) -> None:
+    weight = torch.tensor([[0.0, -0.0, 1e-30], [float("nan"), 2.0, 0.0]], dtype=dtype)
+    assert count_zeros(weight) == 3
+    assert count_zeros(weight.t()) == 3  # a transposed view, as Conv1D's weight matrix
