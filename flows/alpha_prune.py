@@ -1,8 +1,9 @@
 """AlphaPruning end to end: spectral -> allocate -> prune -> evaluate, beside a uniform baseline.
 
 Both allocations prune the same model with the same method, calibration text and
-global sparsity; the dense model is evaluated too. The run's result is the
-comparison table (also a Prefect table artifact).
+global sparsity; the dense model is evaluated too. The two branches are independent, so
+on a parallel `settings.executor` (threads, a Dask cluster) their steps run at once. The
+run's result is the comparison table (also a Prefect table artifact).
 """
 
 from __future__ import annotations
@@ -42,36 +43,45 @@ def alpha_prune(params: AlphaPruneParams = AlphaPruneParams(),
     """Prune by AlphaPruning and by uniform allocation; evaluate both and the dense model."""
     with flow_run_context("alpha_prune", settings, params.model_dump()) as run:
         model = model_digest(run, params.model)
-        text = {split: run.step("build_text", {"split": split, "max_chars": params.text_chars},
-                                label=f"text-{split}").digests()["text"]
-                for split in ("train", "test")}
-        metrics = run.step("spectral", {"estimator": params.estimator, "plots": False},
-                           {"model": model}).digests()["metrics"]
-        allocations = {
-            "uniform": {"policy": "uniform", "options": {"sparsity": params.sparsity}},
-            "alphapruning": {"policy": "alphapruning", "options": {
-                "sparsity": params.sparsity, "epsilon": params.epsilon}},
-        }
+        texts = {split: run.submit("build_text", {"split": split, "max_chars": params.text_chars},
+                                   label=f"text-{split}") for split in ("train", "test")}
+        spectral = run.submit("spectral", {"estimator": params.estimator, "plots": False},
+                              {"model": model})
+        text = {split: future.result().digests()["text"] for split, future in texts.items()}
         evaluate = {"seqlen": params.seqlen, "max_windows": params.eval_windows}
-        evaluations = {"dense": run.step("evaluate", evaluate | {"name": "dense"},
-                                         {"model": model, "text": text["test"]},
-                                         label="evaluate-dense")}
-        for name, allocation in allocations.items():
-            decisions = run.step("allocate", allocation, {"metrics": metrics},
-                                 label=f"allocate-{name}").digests()["decisions"]
-            pruned = run.step("prune", {"method": params.method, "nsamples": params.nsamples,
-                                        "seqlen": params.seqlen},
-                              {"model": model, "allocation": decisions,
-                               "calibration": text["train"]}, label=f"prune-{name}")
-            evaluations[name] = run.step("evaluate", evaluate | {"name": name},
-                                         {"model": pruned.digests()["model"],
-                                          "text": text["test"]}, label=f"evaluate-{name}")
-        rows = [comparison_row(run, name, result.digests()["evaluation"])
-                for name, result in evaluations.items()]
+        evaluations = {"dense": run.submit("evaluate", evaluate | {"name": "dense"},
+                                           {"model": model, "text": text["test"]},
+                                           label="evaluate-dense")}
+        metrics = spectral.result().digests()["metrics"]
+        decisions = {name: run.submit("allocate", allocation, {"metrics": metrics},
+                                      label=f"allocate-{name}")
+                     for name, allocation in allocations(params).items()}
+        pruned = {name: run.submit("prune", {"method": params.method,
+                                             "nsamples": params.nsamples,
+                                             "seqlen": params.seqlen},
+                                   {"model": model,
+                                    "allocation": future.result().digests()["decisions"],
+                                    "calibration": text["train"]}, label=f"prune-{name}")
+                  for name, future in decisions.items()}
+        for name, future in pruned.items():
+            evaluations[name] = run.submit("evaluate", evaluate | {"name": name},
+                                           {"model": future.result().digests()["model"],
+                                            "text": text["test"]}, label=f"evaluate-{name}")
+        rows = [comparison_row(run, name, future.result().digests()["evaluation"])
+                for name, future in evaluations.items()]
     create_table_artifact(rows, key="alpha-prune-comparison",
                           description=f"{params.method} at {params.sparsity:.0%} on "
                           f"{params.model}: perplexity by allocation")
     return rows
+
+
+def allocations(params: AlphaPruneParams) -> dict[str, dict]:
+    """The allocate step's params for each allocation compared."""
+    return {
+        "uniform": {"policy": "uniform", "options": {"sparsity": params.sparsity}},
+        "alphapruning": {"policy": "alphapruning",
+                         "options": {"sparsity": params.sparsity, "epsilon": params.epsilon}},
+    }
 
 
 def comparison_row(run: FlowRun, allocation: str, evaluation: str) -> dict:

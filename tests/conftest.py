@@ -117,6 +117,17 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with start_prefect(home, ui=False) as svc:
         _report("prefect", svc.startup_s)
         yield svc.url
+        drain_prefect_workers()
+
+
+def drain_prefect_workers() -> None:
+    """Send the flow logs and events still queued in this process while the server is up;
+    at exit Prefect would retry them against a stopped server for a minute."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=30)
 
 
 @pytest.fixture

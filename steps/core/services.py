@@ -165,6 +165,18 @@ class Service:
             pass
         self.process.wait()
 
+    def kill(self, timeout: float = 15.0) -> None:
+        """kill -9 the whole process group (a crash, not a shutdown) and wait until every
+        process of it is gone, so its port is free again."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        deadline = time.monotonic() + timeout
+        while _group_alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def __enter__(self) -> Service:
         return self
 
