@@ -296,6 +296,8 @@ def prune(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_tokens: Annotated[int | None, typer.Option(
         help="Calibration tokens per block call (whole sequences) [default: 512].")] = None,
+    compressed: Annotated[bool, typer.Option(
+        help="Store the pruned weights as a bitmask and the kept values.")] = False,
     output: Annotated[Path | None, typer.Option(help="Write the pruned model here.")] = None,
     store: StoreOption = None,
 ) -> None:
@@ -307,7 +309,7 @@ def prune(
     if calibration:
         inputs["calibration"] = input_ref(the_store, calibration, "text")
     params = {"method": method, "sparsity": sparsity, "nm": nm, "nsamples": nsamples,
-              "seqlen": seqlen, "device": device}
+              "seqlen": seqlen, "device": device, "compressed": compressed}
     if batch_tokens is not None:
         params["batch_tokens"] = batch_tokens
     _, result = run_and_report("prune", params, inputs, store)

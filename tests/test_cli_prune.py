@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -45,16 +46,30 @@ def test_spectral_allocate_prune_evaluate(setup):
                     "2", "--seqlen", "64", "--batch-tokens", "128", "--output",
                     str(root / "pruned"), env=env)
     assert done.returncode == 0, done.stderr
+    done = tailwise("prune", str(model), "--method", "wanda", "--allocation",
+                    str(root / "decisions.parquet"), "--calibration", str(text), "--nsamples",
+                    "2", "--seqlen", "64", "--compressed", "--output", str(root / "packed"),
+                    env=env)
+    assert done.returncode == 0, done.stderr
     report = pq.read_table(root / "pruned" / "sparsity_report.parquet")
     targets = dict(zip(decisions["name"].to_pylist(), decisions["sparsity"].to_pylist(),
                        strict=True))
     for name, achieved in zip(report["name"].to_pylist(), report["achieved"].to_pylist(),
                               strict=True):
         assert abs(achieved - targets[name]) < 0.01, name
-    done = tailwise("evaluate", str(root / "pruned"), "--perplexity", str(text), "--seqlen",
-                    "64", "--max-windows", "4", env=env)
-    assert done.returncode == 0, done.stderr
+    evaluations = {}
+    for name in ("pruned", "packed"):
+        done = tailwise("evaluate", str(root / name), "--perplexity", str(text), "--seqlen",
+                        "64", "--max-windows", "4", env=env)
+        assert done.returncode == 0, done.stderr
+        evaluations[name] = done.stdout
     assert "perplexity" in done.stdout and "sparsity" in done.stdout
+    # The compressed copy evaluates the same; its size on disk is smaller.
+    metrics = {name: dict(re.findall(r"(\w+)\s*[:=]\s*([\d.e+-]+)\s*$", out, re.MULTILINE))
+               for name, out in evaluations.items()}
+    assert metrics["pruned"]["perplexity"] == metrics["packed"]["perplexity"]
+    assert metrics["pruned"]["sparsity"] == metrics["packed"]["sparsity"]
+    assert int(metrics["packed"]["size_bytes"]) < int(metrics["pruned"]["size_bytes"])
 
 
 def assert_clean_failure(done: subprocess.CompletedProcess, phrase: str) -> None:

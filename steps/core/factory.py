@@ -262,6 +262,7 @@ def load_model(model_dir: str | os.PathLike[str]) -> nn.Module:
 
         return load_hf_model(path)
     from steps.core.pretrained import ModelLoadError
+    from steps.core.sparse_format import SPARSE_WEIGHTS_FILE, load_sparse
 
     try:
         spec = json.loads(plain_config.read_text())
@@ -275,7 +276,8 @@ def load_model(model_dir: str | os.PathLike[str]) -> nn.Module:
         raise ModelLoadError(f"cannot load model from {path}: unknown model kind {kind!r}")
     model_cls, config_cls = _PLAIN_MODELS[kind]
     try:
-        state = load_file(str(path / WEIGHTS_FILE))
+        sparse = path / SPARSE_WEIGHTS_FILE
+        state = load_sparse(sparse) if sparse.is_file() else load_file(str(path / WEIGHTS_FILE))
         # Built on the meta device: a config that declares huge layers costs nothing, and the
         # file's tensors (checked against the declared shapes) become the parameters.
         with torch.device("meta"):

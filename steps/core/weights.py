@@ -32,6 +32,14 @@ from typing import NamedTuple
 import torch
 
 from steps.core.errors import TailwiseError, one_line
+from steps.core.sparse_format import (
+    FORMAT,
+    FORMAT_KEY,
+    SparseFormatError,
+    read_dense,
+    read_shape,
+    stored_names,
+)
 
 LAYER_TYPES = ("linear", "conv1d", "conv2d", "embedding")
 
@@ -159,6 +167,7 @@ class _FileTensor:
     key: str
     file: Path
     transpose: bool
+    parts: str | None = None  # "key." of a compressed sparse tensor (steps/core/sparse_format)
 
 
 class _SafetensorsSource(_Source):
@@ -174,7 +183,7 @@ class _SafetensorsSource(_Source):
         )
         found = []
         for file in self.files:
-            for key, shape, dtype in _read_header(file):
+            for key, shape, dtype, parts in _read_header(file):
                 layer_type = file_layer_type(key, shape, dtype, conv1d_naming)
                 if layer_type is None:
                     continue
@@ -182,7 +191,7 @@ class _SafetensorsSource(_Source):
                 if transpose:
                     shape = shape[::-1]
                 name = key.removesuffix(".weight")
-                self.tensors[name] = _FileTensor(key, file, transpose)
+                self.tensors[name] = _FileTensor(key, file, transpose, parts)
                 found.append((name, layer_type, shape))
         found.sort(key=lambda item: _natural_key(item[0]))
         found = self._drop_tied(found)
@@ -222,7 +231,12 @@ class _SafetensorsSource(_Source):
         try:
             # A fresh mapping per tensor: see the module docstring.
             with safe_open(str(entry.file), framework="pt") as handle:
-                tensor = handle.get_tensor(entry.key)
+                if entry.parts is None:
+                    tensor = handle.get_tensor(entry.key)
+                else:
+                    tensor = read_dense(handle, entry.key, entry.parts)
+        except SparseFormatError as err:
+            raise WeightsError(f"{entry.file}: {err}") from None
         except Exception as err:  # SafetensorError is not importable by a stable name
             raise WeightsError(f"{entry.file}: cannot read tensor {entry.key!r} "
                                f"({one_line(err)})") from err
@@ -304,15 +318,27 @@ def _read_config(path: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def _read_header(file: Path) -> list[tuple[str, tuple[int, ...], str]]:
+def _read_header(file: Path) -> list[tuple[str, tuple[int, ...], str, str | None]]:
+    """(name, shape, dtype, parts) of every tensor; parts is the "name." prefix of a tensor
+    stored compressed (its shape read from its __shape__ part), else None."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(file), framework="pt") as handle:
+            sparse = (handle.metadata() or {}).get(FORMAT_KEY) == FORMAT
+            keys = list(handle.keys())
+            names = stored_names(keys) if sparse else dict.fromkeys(keys)
             entries = []
-            for key in handle.keys():
-                tensor_slice = handle.get_slice(key)
-                entries.append((key, tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()))
+            for key, parts in names.items():
+                if parts is None:
+                    tensor_slice = handle.get_slice(key)
+                    shape = tuple(tensor_slice.get_shape())
+                else:
+                    tensor_slice = handle.get_slice(parts + "__values__")
+                    shape = read_shape(handle, parts)
+                entries.append((key, shape, tensor_slice.get_dtype(), parts))
+    except SparseFormatError as err:
+        raise WeightsError(f"{file}: {err}") from None
     except Exception as err:  # corrupt, truncated or not safetensors at all
         raise WeightsError(f"{file}: not a readable safetensors file ({one_line(err)})") from err
     if not entries:

@@ -33,6 +33,7 @@ from steps.core.blocks import (
 from steps.core.calibration import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_input_ids
 from steps.core.errors import TailwiseError
 from steps.core.factory import save_hf
+from steps.core.sparse_format import compress_dir
 from steps.prune import magnitude, sparsegpt, wanda
 from steps.prune.masks import Pattern, count_zeros
 
@@ -222,10 +223,16 @@ def sparsity_report(layers: Mapping[str, nn.Module], patterns: Mapping[str, Patt
 
 @torch.no_grad()
 def save_pruned(
-    model: nn.Module, tokenizer, out_dir: str | os.PathLike[str], report: pa.Table
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | os.PathLike[str],
+    report: pa.Table,
+    compressed: bool = False,
 ) -> Path:
-    """Write the pruned model (HF directory, safetensors, zeros stored), its tokenizer and the
-    report. The directory appears complete or not at all; an existing non-empty one is an error."""
+    """Write the pruned model (HF directory, safetensors with the zeros stored, or with
+    `compressed` a bitmask + values file, see steps/core/sparse_format.py), its tokenizer and
+    the report. The directory appears complete or not at all; an existing non-empty one is an
+    error."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PruneError(f"output {out} already exists and is not an empty directory")
@@ -233,6 +240,8 @@ def save_pruned(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         save_hf(model, tokenizer, tmp)
+        if compressed:
+            compress_dir(tmp)
         pq.write_table(report, tmp / REPORT_FILE)
         tmp.chmod(0o755)
         if out.exists():

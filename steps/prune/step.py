@@ -32,6 +32,8 @@ class PruneParams(BaseModel):
     batch_tokens: int = Field(DEFAULT_BATCH_TOKENS, ge=1, description="Calibration tokens "
                               "per block call (whole sequences, at least one; a GPU may "
                               "gain from more).")
+    compressed: bool = Field(False, description="Store the weights as a bitmask and the kept "
+                             "values (smaller; read back by tailwise, not by plain transformers).")
 
 
 def prune_step(ctx: StepContext, params: PruneParams, inputs: dict[str, Path]) -> dict:
@@ -54,7 +56,7 @@ def prune_step(ctx: StepContext, params: PruneParams, inputs: dict[str, Path]) -
                        calibration_text=inputs.get("calibration"), nsamples=params.nsamples,
                        seqlen=params.seqlen, seed=params.seed, device=params.device,
                        batch_tokens=params.batch_tokens)
-    out = save_pruned(model, tokenizer, ctx.workdir / "pruned", report)
+    out = save_pruned(model, tokenizer, ctx.workdir / "pruned", report, params.compressed)
     achieved = pq.read_table(out / REPORT_FILE)
     total = sum(achieved["params"].to_pylist())
     zeros = sum(a * p for a, p in zip(achieved["achieved"].to_pylist(),
