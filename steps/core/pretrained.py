@@ -236,7 +236,8 @@ def _load_sparse_hf_model(model_dir: Path, auto_cls, config) -> torch.nn.Module:
         # The class from the auto mapping, never a name looked up from the untrusted config.
         model_cls = auto_cls._model_mapping[type(config)]
         model, info = model_cls.from_pretrained(None, config=config, state_dict=state,
-                                                dtype=torch.float32, output_loading_info=True)
+                                                dtype=torch.float32, output_loading_info=True,
+                                                use_safetensors=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model from {model_dir}: {first_line(exc)}") from exc
     if info["missing_keys"]:  # transformers would leave them randomly initialised
