@@ -125,7 +125,9 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{SMOLLM2_DIR_NAME}.", suffix=".tmp"))
+    remove_abandoned_conversions(target.parent)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{SMOLLM2_DIR_NAME}.{os.getpid()}.",
+                                suffix=".tmp"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -143,6 +145,25 @@ def smollm2_hf_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def remove_abandoned_conversions(cache_dir: Path) -> None:
+    """Delete the temporary directories of conversions whose process is gone (killed
+    mid-conversion: up to ~540 MB each), named .<dir>.<pid>.<random>.tmp."""
+    for tmp in cache_dir.glob(f".{SMOLLM2_DIR_NAME}.*.tmp"):
+        pid = tmp.name.split(".")[2]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _without_gguf_quantizer(model):

@@ -65,28 +65,18 @@ def save_sparse(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str])
     return Path(path)
 
 
-def is_sparse_file(path: str | os.PathLike[str]) -> bool:
-    """True when path is a safetensors file in this format."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get(FORMAT_KEY) == FORMAT
-    except Exception:  # not safetensors at all: not this format either
-        return False
-
-
 def stored_names(keys: list[str]) -> dict[str, str | None]:
     """Tensor name -> None (stored as it is) or the part prefix "name." of a compressed one,
     from a file's keys; a compressed tensor must have all three parts."""
     names: dict[str, str | None] = {}
+    present = set(keys)
     for key in keys:
         base, _, part = key.rpartition(".")
         name, prefix = (base, f"{base}.") if part in PARTS else (key, None)
         if names.setdefault(name, prefix) != prefix:
             raise SparseFormatError(f"tensor {name!r} is stored both dense and compressed")
     for name, prefix in names.items():
-        missing = [part for part in PARTS if prefix and f"{prefix}{part}" not in keys]
+        missing = [part for part in PARTS if prefix and f"{prefix}{part}" not in present]
         if missing:
             raise SparseFormatError(f"tensor {name!r} lacks its {', '.join(missing)}")
     return names

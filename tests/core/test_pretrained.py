@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -158,3 +161,18 @@ def test_smollm2_conversion_is_cached(smollm2_dir):
     assert again == smollm2_dir
     assert time.perf_counter() - started < 1.0  # no second conversion
     assert not list(smollm2_dir.parent.glob(".*.tmp"))  # no temporary dirs left behind
+
+
+def test_abandoned_conversions_are_removed_and_live_ones_kept(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    name = pretrained.SMOLLM2_DIR_NAME
+    abandoned = tmp_path / f".{name}.{dead_pid}.abc123.tmp"
+    live = tmp_path / f".{name}.{os.getpid()}.def456.tmp"
+    for tmp in (abandoned, live):
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(b"partial")
+    pretrained.remove_abandoned_conversions(tmp_path)
+    assert not abandoned.exists()
+    assert (live / "model.safetensors").exists()
