@@ -211,6 +211,55 @@ def test_index_json_fuzz_is_a_weights_error(tmp_path: Path) -> None:
             list_weight_matrices(tmp_path)
 
 
+# --- compressed sparse files (tailwise prune --compressed) ---------------------------------
+
+sparse_dims = st.lists(st.one_of(st.integers(0, 12), st.integers(2**20, 2**62),
+                                 st.integers(-3, -1)), max_size=10)
+sparse_parts = st.fixed_dictionaries({
+    "__shape__": st.tuples(sparse_dims, st.sampled_from([torch.int64, torch.int32,
+                                                         torch.float32])),
+    "__bitmask__": st.tuples(st.binary(max_size=24), st.sampled_from([torch.uint8,
+                                                                      torch.int8])),
+    "__values__": st.tuples(st.integers(0, 40), st.sampled_from([torch.float32, torch.float16,
+                                                                torch.int32])),
+}, optional={"dense": st.just(True)})
+
+
+def sparse_tensors(parts: dict) -> dict[str, torch.Tensor]:
+    (dims, shape_dtype), (bits, bits_dtype), (count, values_dtype) = (
+        parts["__shape__"], parts["__bitmask__"], parts["__values__"])
+    tensors = {
+        "layers.0.fc.weight.__shape__": torch.tensor(dims, dtype=torch.int64).to(shape_dtype),
+        "layers.0.fc.weight.__bitmask__": torch.frombuffer(bytearray(bits) or bytearray(1),
+                                                           dtype=torch.uint8).to(bits_dtype),
+        "layers.0.fc.weight.__values__": torch.arange(count).to(values_dtype),
+    }
+    if parts.get("dense"):
+        tensors["layers.0.fc.weight"] = torch.ones(2, 2)
+    return tensors
+
+
+@FUZZ
+@given(parts=sparse_parts)
+def test_hostile_sparse_files_are_refused_or_consistent(scratch: Path, parts: dict) -> None:
+    """Shapes that disagree with the bitmask, huge or negative sizes, wrong dtypes, value
+    counts that disagree with the kept bits, a tensor stored both ways."""
+    from steps.core.sparse_format import FORMAT, FORMAT_KEY, SparseFormatError, load_sparse
+
+    path = scratch / "sparse.safetensors"
+    save_file(sparse_tensors(parts), str(path), metadata={FORMAT_KEY: FORMAT})
+    try:
+        loaded = load_sparse(path)
+    except SparseFormatError as err:
+        assert str(path) in str(err) and "\n" not in str(err)
+    else:
+        dense = loaded["layers.0.fc.weight"]
+        bitmask_bytes = len(parts["__bitmask__"][0]) or 1
+        assert dense.numel() <= 8 * bitmask_bytes  # nothing beyond what the file can describe
+        assert int(dense.count_nonzero()) <= parts["__values__"][0]
+    assert_clean_outcome(path, path.stat().st_size)
+
+
 # --- values and sizes -----------------------------------------------------------------------
 
 
