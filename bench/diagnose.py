@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/diagnose.py                 # 2 threads, batch 32 (a few minutes)
     .venv/bin/python bench/diagnose.py --probes 10 --max-iter 10 --threads 1
+    python bench/diagnose.py --device cuda            # the same on a GPU
 
 (1) One Hessian-vector product as a multiple of one forward + backward pass on the same
     batch (target <= 2.5x), for reverse-over-reverse with the gradient graph re-used (the
@@ -31,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from steps.core.blocks import resolve_device  # noqa: E402
 from steps.core.factory import build_model  # noqa: E402
 from steps.diagnose.hessian import (  # noqa: E402
     hessian_operator,
@@ -82,10 +84,18 @@ class ResNet18(nn.Module):
 # ---------------------------------------------------------------------------- timing
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so a timing holds the work and not only its launch."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def seconds(fn: Callable[[], object]) -> tuple[float, float]:
     """(wall, process CPU) seconds of one call; CPU time is less hit by other processes."""
+    synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -117,7 +127,7 @@ def hvp_costs(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     gen = torch.Generator().manual_seed(0)
     ops = [hessian_operator(model, (x, y), mode=mode, reuse_graph=reuse)
            for _, mode, reuse in VARIANTS]
-    v = torch.randn(ops[0].dim, generator=gen)
+    v = torch.randn(ops[0].dim, generator=gen).to(x.device)
     base_first = seconds(reference)
     first = seconds(lambda: ops[0].hvp(v))  # builds and keeps the gradient graph
     base_wall: list[float] = []
@@ -140,13 +150,18 @@ def hvp_costs(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return rows
 
 
-def warm_up_torch_func() -> None:
-    """The first torch.func transform pays one-time set-up; keep it out of the figures."""
-    tiny = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
-    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+def describe(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+
+
+def warm_up_torch_func(device: torch.device) -> None:
+    """The first torch.func transform (and a GPU's first kernels) pay one-time set-up; keep
+    it out of the figures."""
+    tiny = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).to(device)
+    x, y = torch.randn(8, 4, device=device), torch.randint(0, 2, (8,), device=device)
     for _, mode, reuse in VARIANTS:
         op = hessian_operator(tiny, (x, y), mode=mode, reuse_graph=reuse)
-        op.hvp(torch.ones(op.dim))
+        op.hvp(torch.ones(op.dim, device=device))
 
 
 def main() -> None:
@@ -158,23 +173,27 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=10, help="Hutchinson probes (fixed)")
     parser.add_argument("--max-iter", type=int, default=10, help="power iterations at most")
     parser.add_argument("--tol", type=float, default=1e-3, help="power iteration rel. tol")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     with threadpool_limits(limits=args.threads):
         gen = torch.Generator().manual_seed(0)
         cnn = build_model("cnn", seed=0)
-        x_cnn = torch.rand(args.batch, 1, 8, 8, generator=gen)
-        y_cnn = torch.randint(0, 10, (args.batch,), generator=gen)
+        x_cnn = torch.rand(args.batch, 1, 8, 8, generator=gen).to(device)
+        y_cnn = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
         torch.manual_seed(0)
         resnet = ResNet18()
-        x_res = torch.randn(args.batch, 3, 32, 32, generator=gen)
-        y_res = torch.randint(0, 10, (args.batch,), generator=gen)
+        x_res = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
+        y_res = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+        cnn, resnet = cnn.to(device), resnet.to(device)
         n_cnn = sum(p.numel() for p in cnn.parameters())
         n_res = sum(p.numel() for p in resnet.parameters())
-        warm_up_torch_func()
-        print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}; "
+        warm_up_torch_func(device)
+        print(f"torch {torch.__version__}, {describe(device)}, {args.threads} CPU threads, "
+              f"batch {args.batch}; "
               f"digits CNN {n_cnn:,} params (1x8x8), ResNet-18 {n_res:,} params (3x32x32)")
 
         print("\n(1) Hessian-vector product cost, medians over repetitions (CNN "
@@ -189,7 +208,8 @@ def main() -> None:
             print(f"{name}: re-used vjp HVP at {reused:.2f}x forward+backward (wall): "
                   f"{'within' if reused <= 2.5 else 'ABOVE'} the 2.5x target")
 
-        print(f"\n(2) ResNet-18 landscape statistics on the CPU (one batch of {args.batch}, "
+        print(f"\n(2) ResNet-18 landscape statistics on {describe(device)} (one batch of "
+              f"{args.batch}, "
               "eval mode, graph re-used)")
         print(f"{'what':26s} {'result':>34s} {'work':>16s} {'seconds':>9s}")
         op = hessian_operator(resnet, (x_res, y_res))

@@ -437,10 +437,11 @@ def calibrated_blocks(
 # ------------------------------------------------------------------ OWL outlier ratios
 
 
-def wanda_scores(layer: nn.Module, stats: LayerStats) -> torch.Tensor:
-    """Wanda's importance |W_ij| * ||X_j||_2, shape (out, in), float32."""
+def wanda_scores(layer: nn.Module, stats: LayerStats, rows: slice = slice(None)) -> torch.Tensor:
+    """Wanda's importance |W_ij| * ||X_j||_2 of the given rows (default all), shape
+    (rows, in), float32."""
     # abs() already copies (float() too, for half weights): scale that copy in place.
-    return weight_matrix(layer).abs().float().mul_(stats.column_norms())
+    return weight_matrix(layer)[rows].abs().float().mul_(stats.column_norms())
 
 
 def outlier_ratios(

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import TINY_LMS, tiny_model
 
-from steps.core.blocks import calibrated_blocks, find_blocks, weight_matrix
+from steps.core.blocks import calibrated_blocks, find_blocks, wanda_scores, weight_matrix
 from steps.prune import Pattern, magnitude, prune, sparsegpt, wanda
-from steps.prune.masks import count_zeros, lowest_k, zero_masked
+from steps.prune.masks import count_zeros, lowest_k, select, zero_masked
 
 CALIBRATION = {"nsamples": 4, "seqlen": 64, "seed": 0, "device": "cpu"}
 
@@ -82,6 +82,23 @@ def test_wanda_equals_a_brute_force_reference(calibration_ids: torch.Tensor) -> 
         lowest = set(sorted(range(in_features), key=lambda j: scores[j])[:k])
         expected = [0.0 if j in lowest else original[i, j].item() for j in range(in_features)]
         assert layer.weight[i].tolist() == pytest.approx(expected, abs=0, rel=0)
+
+
+@pytest.mark.parametrize("pattern", [Pattern(0.3), Pattern(0.5, nm=(2, 4))])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])  # Linear; Conv1D (transposed)
+def test_wanda_by_row_slabs_equals_the_whole_matrix_at_once(
+    name: str, pattern: Pattern, calibration_ids: torch.Tensor, monkeypatch
+) -> None:
+    model = tiny_model(name)
+    block = next(calibrated_blocks(model, calibration_ids))
+    monkeypatch.setattr(wanda, "SLAB_ELEMENTS", 100)  # a few rows per slab, a ragged last one
+    for layer_name, layer in block.layers.items():
+        expected = weight_matrix(layer).detach().clone()
+        whole = select(wanda_scores(layer, block.stats[layer_name]), pattern, per_row=True)
+        expected[whole] = 0.0
+        assert len(list(wanda.row_slabs(*expected.shape))) > 2
+        wanda.prune_layer(layer, block.stats[layer_name], pattern)
+        assert torch.equal(weight_matrix(layer), expected), layer_name
 
 
 def _reconstruction_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor):
