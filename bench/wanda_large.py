@@ -31,6 +31,7 @@ from alphapruning import (  # noqa: E402
     peak_rss_mb,
     reset_peak_rss,
     rss_after_malloc_trim_mb,
+    warm_up_code,
 )
 
 from steps.core.blocks import DEFAULT_BATCH_TOKENS, resolve_device, sequences_per_chunk  # noqa: E402
@@ -59,20 +60,26 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def random_llama(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    """A seeded random LlamaForCausalLM of the requested shape, built on `device`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(args: argparse.Namespace):
+    """The LlamaConfig of the requested shape."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, max_position_embeddings=max(2048, args.seqlen),
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
     )  # fmt: skip
+
+
+def random_llama(config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A seeded random LlamaForCausalLM of that config, built on `device`."""
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)
-    return model.to(DTYPES[args.dtype]).eval()
+    return model.to(dtype).eval()
 
 
 def write_random_text(path: Path, tokens: int, seed: int = 0) -> Path:
@@ -111,19 +118,6 @@ def calibration_forward_s(model: torch.nn.Module, ids: torch.Tensor, chunk: int,
     return took
 
 
-def warm_up(args: argparse.Namespace, device: torch.device, tokenizer, text: Path) -> None:
-    """Run the forward and Wanda once on a tiny model of the same class, so the figures leave
-    out one-time costs (kernel set-up, library code paged in) and hold only data."""
-    tiny = argparse.Namespace(**vars(args) | {"hidden": 64, "intermediate": 128, "layers": 1,
-                                              "heads": 4, "kv_heads": 2, "vocab": 512})
-    model = random_llama(tiny, device)
-    ids = calibration_input_ids(tokenizer, text, nsamples=2, seqlen=32, seed=0)
-    calibration_forward_s(model, ids, 2, device)
-    prune(model, tokenizer, method="wanda", sparsity=0.5, calibration_text=text, nsamples=2,
-          seqlen=32, seed=0, device=str(device), batch_tokens=args.batch_tokens)
-    del model
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -139,9 +133,11 @@ def run(args: argparse.Namespace, device: torch.device, text: Path) -> None:
     tokenizer = byte_tokenizer()
     ids = calibration_input_ids(tokenizer, text, nsamples=args.nsamples, seqlen=args.seqlen,
                                 seed=0)
-    warm_up(args, device, tokenizer, text)
+    config = llama_config(args)
+    warm_up_code(config, tokenizer, text, args)
     process_mb = rss_after_malloc_trim_mb()  # code paged in, no weights yet
-    model = random_llama(args, device if args.placement == "device" else torch.device("cpu"))
+    home = device if args.placement == "device" else torch.device("cpu")
+    model = random_llama(config, DTYPES[args.dtype], home)
     chunk = sequences_per_chunk(ids, args.batch_tokens)
     params = sum(p.numel() for p in model.parameters())
     element = next(model.parameters()).element_size()
@@ -159,7 +155,7 @@ def run(args: argparse.Namespace, device: torch.device, text: Path) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         before_mb = torch.cuda.memory_allocated(device) / 2**20
     else:
-        # Building the model left freed temporaries in glibc's heap: return them first.
+        # Building the model and the forward left freed memory in glibc's heap: return it.
         before_mb = rss_after_malloc_trim_mb() - process_mb
         reset_peak_rss()
     started = time.perf_counter()
