@@ -49,10 +49,10 @@ from steps.core.blocks import (  # noqa: E402
     DEFAULT_BATCH_TOKENS,
     find_blocks,
     outlier_ratios,
-    resolve_device,
     sequences_per_chunk,
 )
 from steps.core.data import default_cache_dir, kjv_splits  # noqa: E402
+from steps.core.devices import resolve_device  # noqa: E402
 from steps.core.pretrained import load_hf_model, smollm2_hf_dir  # noqa: E402
 from steps.evaluate import perplexity_of_ids, tokenize_file  # noqa: E402
 from steps.prune import calibration_input_ids, prune  # noqa: E402

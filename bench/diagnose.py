@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from steps.core.blocks import resolve_device  # noqa: E402
+from steps.core.devices import resolve_device  # noqa: E402
 from steps.core.factory import build_model  # noqa: E402
 from steps.diagnose.hessian import (  # noqa: E402
     hessian_operator,

@@ -75,7 +75,7 @@ def main() -> None:
     import torch
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from steps.core.services import start_prefect
+    from tailwise_dev.services import start_prefect
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="tailwise-bench-fanout-") as tmp:

@@ -79,7 +79,7 @@ def orchestrated(store_url: str, tracking_uri: str, model: str) -> tuple[float, 
 def main() -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from steps.core.services import start_prefect
+    from tailwise_dev.services import start_prefect
 
     model = "tiny-llama"
     with tempfile.TemporaryDirectory(prefix="tailwise-bench-flows-") as tmp:

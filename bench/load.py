@@ -147,7 +147,7 @@ def main() -> int:
                         help="seconds a round may take before it counts as a deadlock")
     args = parser.parse_args()
 
-    from steps.core.services import OFFLINE_ENV, make_bucket, start_nanio, start_prefect
+    from tailwise_dev.services import OFFLINE_ENV, make_bucket, start_nanio, start_prefect
 
     os.environ.update(OFFLINE_ENV)
     with tempfile.TemporaryDirectory(prefix="tailwise-bench-load-") as tmp:

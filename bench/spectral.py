@@ -29,9 +29,9 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from steps.core.esd import gram_eigenvalues, kernel_slices  # noqa: E402
 from steps.core.weights import iter_weight_matrices  # noqa: E402
 from steps.spectral import analyze  # noqa: E402
-from steps.spectral.esd import gram_eigenvalues, kernel_slices  # noqa: E402
 
 
 def minilm() -> torch.nn.Module:

@@ -84,7 +84,7 @@ def main() -> None:
         print(json.dumps(case(kind, url, Path(source), Path(workdir))))
         return
 
-    from steps.core.services import make_bucket, start_moto, start_nanio
+    from tailwise_dev.services import make_bucket, start_moto, start_nanio
 
     size = args.size_mb * 2**20
     with tempfile.TemporaryDirectory(prefix="tailwise-bench-") as tmp:

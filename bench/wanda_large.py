@@ -34,7 +34,8 @@ from alphapruning import (  # noqa: E402
     warm_up_code,
 )
 
-from steps.core.blocks import DEFAULT_BATCH_TOKENS, resolve_device, sequences_per_chunk  # noqa: E402
+from steps.core.blocks import DEFAULT_BATCH_TOKENS, sequences_per_chunk  # noqa: E402
+from steps.core.devices import resolve_device  # noqa: E402
 from steps.core.factory import byte_tokenizer  # noqa: E402
 from steps.prune import calibration_input_ids, prune  # noqa: E402
 

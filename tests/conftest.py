@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tailwise-prefect-home-"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from steps.core.services import (  # noqa: E402
+from tailwise_dev.services import (  # noqa: E402
     OFFLINE_ENV,
     S3Info,
     Service,

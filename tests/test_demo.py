@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from steps.core.services import free_port
+from tailwise_dev.services import free_port
 
 TAILWISE = [sys.executable, "-m", "steps.cli"]
 

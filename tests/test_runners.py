@@ -12,7 +12,7 @@ from prefect import flow
 
 from flows.common import RunSettings, flow_run_context
 from steps.core.registry import STEP_NAMES
-from steps.core.services import probe
+from tailwise_dev.services import probe
 
 
 @flow(name="runner-check")

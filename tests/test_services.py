@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from steps.core.services import (
+from tailwise_dev.services import (
     HOST,
     S3Info,
     Service,

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, str(REPO))
 
-from steps.core.services import (  # noqa: E402
+from tailwise_dev.services import (  # noqa: E402
     BIN_DIR,
     HOST,
     OFFLINE_ENV,

@@ -1,7 +1,6 @@
 """Shared helpers: read names, metric values, blocks and parameter counts from a metrics table."""
 
 import json
-import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -13,12 +12,10 @@ from pydantic import BaseModel, ValidationError
 
 from steps.allocate.errors import AllocationError
 from steps.allocate.io import SOURCE_KEY, source_of
+from steps.core.naming import BLOCK_PATTERN
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
-# `model.layers.3.`, `model.decoder.layers.3.`, `transformer.h.3.`, `encoder.layer.3.`,
-# `blocks.3.`: the leftmost match wins, so nested indices (experts.5) are ignored.
-BLOCK_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
 
 
 def fail(table: pa.Table, problem: str) -> AllocationError:
@@ -125,26 +122,6 @@ def param_counts(table: pa.Table) -> np.ndarray:
     if (counts <= 0).any():
         raise fail(table, "columns N and M must be positive")
     return counts
-
-
-def block_means(
-    values: np.ndarray, blocks: np.ndarray, weights: np.ndarray | None = None
-) -> np.ndarray:
-    """Each row's value replaced by the mean over its block (plain mean, as the reference code,
-    unless `weights` are given)."""
-    weights = np.ones_like(values) if weights is None else weights
-    unique, inverse = np.unique(blocks, return_inverse=True)
-    sums = np.bincount(inverse, weights=values * weights, minlength=len(unique))
-    totals = np.bincount(inverse, weights=weights, minlength=len(unique))
-    return (sums / totals)[inverse]
-
-
-def min_max_unit(values: np.ndarray) -> np.ndarray:
-    """Map values linearly onto [0, 1]; all-equal values map to 0.5 (no preference)."""
-    low, high = values.min(), values.max()
-    if high == low:
-        return np.full_like(values, 0.5, dtype=float)
-    return (values - low) / (high - low)
 
 
 def decisions_table(

@@ -18,14 +18,13 @@ from steps.allocate.budget import fit_budget
 from steps.allocate.layers import (
     block_column,
     block_ids,
-    block_means,
     decisions_table,
     fail,
     layer_names,
     metric_values,
-    min_max_unit,
     param_counts,
 )
+from steps.core.balance import block_means, min_max_unit
 
 
 class OwlOptions(BaseModel):

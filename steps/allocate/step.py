@@ -57,8 +57,9 @@ def measured_outlier_ratios(params: AllocateParams, inputs: dict[str, Path]) -> 
                               "model and calibration inputs to measure it")
     from transformers import AutoTokenizer
 
-    from steps.core.blocks import fit_seqlen, outlier_ratios, resolve_device
+    from steps.core.blocks import fit_seqlen, outlier_ratios
     from steps.core.calibration import calibration_input_ids
+    from steps.core.devices import resolve_device
     from steps.core.factory import load_model
 
     model = load_model(inputs["model"])

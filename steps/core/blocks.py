@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from steps.core.devices import resolve_device
 from steps.core.errors import TailwiseError
 
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
@@ -50,22 +51,6 @@ DEFAULT_BATCH_TOKENS = 512
 
 class BlocksNotFoundError(TailwiseError):
     """The model has no recognisable list of decoder blocks."""
-
-
-class DeviceError(TailwiseError):
-    """The requested compute device is not available."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"device {name!r} requested but no CUDA GPU is available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise DeviceError(f"device {name!r} is not one of auto, cpu, cuda")
-    return torch.device(name)
 
 
 # ------------------------------------------------------------------------ finding blocks

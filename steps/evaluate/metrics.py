@@ -21,9 +21,9 @@ from steps.core.blocks import (
     find_blocks,
     model_context_length,
     prunable_layers,
-    resolve_device,
     weight_matrix,
 )
+from steps.core.devices import resolve_device
 from steps.core.errors import TailwiseError
 
 DEFAULT_MAX_SEQLEN = 2048  # the papers' evaluation length; longer contexts are capped to it

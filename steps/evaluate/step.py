@@ -44,7 +44,7 @@ def evaluate_step(ctx: StepContext, params: EvaluateParams, inputs: dict[str, Pa
 def classifier_evaluation(ctx: StepContext, params: EvaluateParams,
                           inputs: dict[str, Path]) -> dict:
     """A fine-tuned text classifier: accuracy and loss on the data's test split."""
-    from steps.core.blocks import resolve_device
+    from steps.core.devices import resolve_device
     from steps.evaluate.classify import classifier_metrics
 
     metrics = classifier_metrics(inputs["model"], inputs["data"], max_examples=params.max_examples,

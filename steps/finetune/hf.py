@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from steps.allocate.layers import BLOCK_PATTERN
 from steps.core.errors import TailwiseError
+from steps.core.naming import BLOCK_PATTERN
 from steps.core.pretrained import ModelLoadError, check_declared_size, first_line
 from steps.core.weights import module_layer_type
 from steps.finetune.tempbalance import TempBalance, TempBalanceRecord, sigmoid_interval

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steps.allocate.layers import BLOCK_PATTERN
 from steps.core.blocks import BlocksNotFoundError, find_blocks
 from steps.core.errors import TailwiseError
+from steps.core.naming import BLOCK_PATTERN
 
 __all__ = [
     "LLAMA_TARGETS",

@@ -190,15 +190,15 @@ def _capped(split: tuple[list[str], np.ndarray], cap: int | None, seed: int):
 
 
 def _config(params: FinetuneParams):
+    from steps.core.devices import resolve_device
     from steps.finetune.hf import FinetuneConfig
-    from steps.spectral import resolve_device
 
     return FinetuneConfig(
         epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
         optimizer=params.optimizer, weight_decay=params.weight_decay,
         tempbalance=params.tempbalance, tb_low=params.tb_low, tb_high=params.tb_high,
         tb_scale=params.tb_scale, tb_every_steps=params.tb_every_steps,
-        max_length=params.max_length, seed=params.seed, device=resolve_device(params.device))
+        max_length=params.max_length, seed=params.seed, device=str(resolve_device(params.device)))
 
 
 def _add_experts(model, heads: list[str], experts: Path, params: FinetuneParams):

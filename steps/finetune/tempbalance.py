@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from steps.allocate.layers import BLOCK_PATTERN
-from steps.allocate.tempbalance import TempBalanceOptions, lr_factors
+from steps.core.balance import TempBalanceOptions, lr_factors
+from steps.core.devices import resolve_device
 from steps.core.errors import TailwiseError
+from steps.core.esd import compute_spectra_batch
+from steps.core.fits import fit_power_law
+from steps.core.naming import BLOCK_PATTERN
 from steps.core.weights import MatrixInfo, module_layer_type, open_weights
-from steps.spectral import resolve_device
-from steps.spectral.esd import compute_spectra_batch
-from steps.spectral.fits import fit_power_law
 
 __all__ = [
     "TempBalance",
@@ -150,7 +150,7 @@ class TempBalance:
         self.model = model
         self.optimizer = optimizer
         self.every_steps = every_steps
-        self.device = resolve_device(device) if device is not None else None
+        self.device = str(resolve_device(device)) if device is not None else None
         infos = open_weights(model).infos()
         self.layers = [info.name for info in infos]
         self.included = _included(infos, exclude_first_last, min_evals)

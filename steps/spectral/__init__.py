@@ -23,10 +23,11 @@ import pyarrow as pa
 import torch
 from threadpoolctl import threadpool_limits
 
+from steps.core import devices
 from steps.core.errors import TailwiseError
+from steps.core.esd import Spectrum, compute_spectra_batch
+from steps.core.fits import ESTIMATORS, PowerLawFit, failed_fit, fit_power_law
 from steps.core.weights import MatrixInfo, open_weights
-from steps.spectral.esd import Spectrum, compute_spectra_batch
-from steps.spectral.fits import ESTIMATORS, PowerLawFit, failed_fit, fit_power_law
 from steps.spectral.metrics import SCHEMA, metrics_row, summarize
 
 __all__ = ["ESD_SCHEMA", "SCHEMA", "SpectralError", "analyze", "resolve_device", "summarize"]
@@ -148,13 +149,10 @@ def analyze(
 
 def resolve_device(device: str) -> str:
     """Map "auto" to "cuda" when a GPU is usable, else "cpu"; check any other value."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpectralError(f"device {device!r} requested but CUDA is not available")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise SpectralError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return device
+    try:
+        return str(devices.resolve_device(device))
+    except devices.DeviceError as error:
+        raise SpectralError(str(error)) from None
 
 
 # --- selection ---------------------------------------------------------------------

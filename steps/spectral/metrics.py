@@ -5,20 +5,16 @@ Column names follow WeightWatcher where it has them (see METHODS.md section 1).
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pyarrow as pa
 
-from steps.spectral.esd import Spectrum
-from steps.spectral.fits import PowerLawFit
+from steps.core.esd import Spectrum
+from steps.core.fits import PowerLawFit
+from steps.core.naming import block_of
 
 OVER_TRAINED_ALPHA = 2.0
 UNDER_TRAINED_ALPHA = 6.0
 _ENTROPY_EPSILON = 1e-10  # WeightWatcher's smoothing in matrix_entropy
-_BLOCK_PATTERN = re.compile(
-    r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)(?:\.|$)|(?:^|\.)layer(\d+)(?:\.|$)"
-)
 
 SCHEMA = pa.schema(
     [
@@ -51,15 +47,6 @@ SCHEMA = pa.schema(
         ("status", pa.string()),
     ]
 )
-
-
-def parse_block(name: str) -> int | None:
-    """Block / stage index in a layer name: model.layers.3., transformer.h.3.,
-    encoder.layer.3., blocks.3., layer3. -> 3; None when the name has none."""
-    match = _BLOCK_PATTERN.search(name)
-    if match is None:
-        return None
-    return int(match.group(1) or match.group(2))
 
 
 def training_warning(alpha: float) -> str:
@@ -108,7 +95,7 @@ def metrics_row(
         "name": name,
         "slice_id": spectrum.slice_id,
         "layer_type": layer_type,
-        "block": parse_block(name),
+        "block": block_of(name),
         "N": spectrum.N,
         "M": spectrum.M,
         "rf": spectrum.num_slices,

@@ -159,7 +159,7 @@ def test_wrong_credentials_are_reported(s3_nanio, monkeypatch):
 
 
 def test_server_down_is_reported(monkeypatch):
-    from steps.core.services import free_port
+    from tailwise_dev.services import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)

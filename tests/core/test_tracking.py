@@ -9,10 +9,10 @@ from mlflow.tracking import MlflowClient
 from toy_steps import COUNT, SHOUT
 
 from steps.core.errors import TrackingError
-from steps.core.services import free_port
 from steps.core.step import run_step
 from steps.core.store import open_store
 from steps.core.tracking import Tracker
+from tailwise_dev.services import free_port
 
 
 @pytest.fixture(params=["sqlite", "server"])

@@ -37,7 +37,8 @@ import pytest
 import yaml
 
 from steps.core.jobs import load_steps
-from steps.core.services import (
+from steps.core.store import ArtifactStore, open_store
+from tailwise_dev.services import (
     S3Info,
     Service,
     make_bucket,
@@ -45,7 +46,6 @@ from steps.core.services import (
     start_nanio,
     start_prefect,
 )
-from steps.core.store import ArtifactStore, open_store
 
 REPO = Path(__file__).resolve().parents[2]
 FLOW_PROCESS = Path(__file__).with_name("flow_process.py")

@@ -30,9 +30,9 @@ from prefect import flow
 
 from flows.common import RunSettings, flow_run_context
 from steps.core.errors import TrackingError
-from steps.core.services import HOST, MlflowAuth, S3Info, Service, make_bucket, start_mlflow
-from steps.core.services import start_prefect as start_prefect_server
 from steps.core.tracking import EXPERIMENT, Tracker
+from tailwise_dev.services import HOST, MlflowAuth, S3Info, Service, make_bucket, start_mlflow
+from tailwise_dev.services import start_prefect as start_prefect_server
 
 pytestmark = pytest.mark.services
 

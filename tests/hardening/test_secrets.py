@@ -22,10 +22,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from steps.core.services import HOST, S3Info, Service
 from steps.core.step import run_step
 from steps.core.store import ArtifactStore
 from steps.core.tracking import EXPERIMENT, Tracker
+from tailwise_dev.services import HOST, S3Info, Service
 
 pytestmark = pytest.mark.services
 
@@ -245,7 +245,7 @@ def test_infra_configs_hold_no_credential() -> None:
 
 def test_unreachable_tracking_uri_does_not_echo_its_password() -> None:
     from steps.core.errors import TrackingError
-    from steps.core.services import free_port
+    from tailwise_dev.services import free_port
 
     uri = f"http://{MLFLOW_USER}:{MLFLOW_PASSWORD}@{HOST}:{free_port()}"
     with pytest.raises(TrackingError) as err:

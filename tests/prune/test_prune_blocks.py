@@ -9,14 +9,13 @@ from transformers.pytorch_utils import Conv1D
 
 from steps.core.blocks import (
     BlocksNotFoundError,
-    DeviceError,
     calibrated_blocks,
     find_blocks,
     outlier_ratios,
-    resolve_device,
     sequences_per_chunk,
     weight_matrix,
 )
+from steps.core.devices import DeviceError, resolve_device
 from steps.core.errors import TailwiseError
 from steps.core.factory import build_model
 from steps.prune import Pattern, wanda

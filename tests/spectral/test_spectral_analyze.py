@@ -9,8 +9,8 @@ import pytest
 import torch
 from spectral_helpers import cnn, tiny_gpt2
 
+from steps.core.naming import block_of as parse_block
 from steps.spectral import SCHEMA, SpectralError, analyze, resolve_device, summarize
-from steps.spectral.metrics import parse_block
 
 
 def _linear(out_features: int, in_features: int, weight=None, seed: int = 0) -> torch.nn.Linear:
@@ -179,7 +179,7 @@ def test_options_are_checked_and_recorded():
         analyze(cnn(), estimator="mle")
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(SpectralError, match="CUDA is not available"):
+        with pytest.raises(SpectralError, match="no CUDA GPU"):
             analyze(cnn(), device="cuda")
     table = analyze(cnn(), estimator="hill", hill_k=1.5, device="cpu")
     options = json.loads(table.schema.metadata[b"tailwise.options"])

@@ -11,7 +11,7 @@ from spectral_helpers import (
     reference_peak,
 )
 
-from steps.spectral.fits import fit_power_law, peak_candidates
+from steps.core.fits import fit_power_law, peak_candidates
 
 
 def _spectra(seed: int) -> list[np.ndarray]:

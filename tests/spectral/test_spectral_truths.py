@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from steps.core.esd import gram_eigenvalues
+from steps.core.fits import fit_power_law
 from steps.spectral import analyze
-from steps.spectral.esd import gram_eigenvalues
-from steps.spectral.fits import fit_power_law
 
 
 def _linear_with(weight: np.ndarray) -> torch.nn.Module:

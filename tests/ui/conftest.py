@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from steps.core.services import free_port
+from tailwise_dev.services import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 STACK_SCRIPT = REPO / "infra" / "local" / "stack.py"

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from steps.core.services import s3_client
+from tailwise_dev.services import s3_client
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")

@@ -29,21 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steps.core.offline import OFFLINE_ENV
+
 HOST = "127.0.0.1"
 BIN_DIR = Path(sys.executable).parent
-
-# Environment that keeps every service (and its clients) off the internet.
-OFFLINE_ENV: dict[str, str] = {
-    "DO_NOT_TRACK": "true",  # Prefect accepts 1/true/yes, MLflow only "true"
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    # boto3 must never fall back to the EC2 metadata service (169.254.169.254).
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
 
 class ServiceError(RuntimeError):
     """A service failed to start, died, or did not become ready in time."""

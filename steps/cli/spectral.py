@@ -1,0 +1,65 @@
+"""`tailwise spectral`: per-matrix ESD metrics of a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from steps.cli.app import StoreOption, app, console, input_ref, read_output, run_and_report
+from steps.core.store import open_store
+
+
+@app.command()
+def spectral(
+    model: Annotated[str, typer.Argument(
+        help="HF model directory, .safetensors file, sharded index .json, or artifact digest.")],
+    estimator: Annotated[str, typer.Option(
+        help="ks (WeightWatcher), alpha_peak (AlphaPruning), alpha_peak_corrected, hill "
+        "(TempBalance).")] = "ks",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    output: Annotated[Path | None, typer.Option(
+        help="Also write the metrics table (Parquet) here.")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Also write the plots here.")] = None,
+    include: Annotated[list[str] | None, typer.Option(
+        help="Regex: analyse only matching matrices (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="Regex: skip matching matrices (repeatable).")] = None,
+    conv_slices: Annotated[bool, typer.Option(
+        help="One row per conv kernel slice instead of the pooled ESD.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute.")] = False,
+    store: StoreOption = None,
+) -> None:
+    """Measure every weight matrix's eigenvalue spectrum: alpha, norms, rank, warnings."""
+    the_store = open_store(store)
+    params = {"estimator": estimator, "device": device, "include": include,
+              "exclude": exclude, "conv_slices": conv_slices}
+    _, result = run_and_report("spectral", params, {"model": input_ref(the_store, model, "model")},
+                               store, use_cache=not no_cache, progress=True)
+    print_spectral_summary(read_output(the_store, result.outputs["metrics"].digest, output))
+    if output:
+        console.print(f"metrics: {output}")
+    if plots and "plots" in result.outputs:
+        the_store.get(result.outputs["plots"].digest, plots)
+        for png in sorted(plots.glob("*.png")):
+            console.print(f"plot: {png}")
+
+
+def print_spectral_summary(metrics) -> None:
+    from steps.spectral import summarize
+
+    table = Table("layer", "name", "N x M", "alpha", "D", "lambda_max", "log_norm", "warning",
+                  title="per-matrix spectral metrics")
+    for row in metrics.to_pylist():
+        table.add_row(str(row["layer_id"]), row["name"], f"{row['N']} x {row['M']}",
+                      f"{row['alpha']:.3f}", f"{row['D']:.3f}", f"{row['lambda_max']:.4g}",
+                      f"{row['log_norm']:.3f}", row["warning"] or row["status"])
+    console.print(table)
+    summary = summarize(metrics)
+    console.print(f"{summary['num_fitted']}/{summary['num_matrices']} matrices fitted; mean "
+                  f"alpha {summary['mean_alpha']:.3f}, mean alpha_weighted "
+                  f"{summary['mean_alpha_weighted']:.3f}; {summary['num_over_trained']} "
+                  f"over-trained (alpha < 2), {summary['num_under_trained']} under-trained "
+                  f"(alpha > 6)")
