@@ -13,3 +13,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" bench/wanda_large.py --device cuda --batch-tokens 8192 --placement cpu
 # Hessian-vector product cost, Hutchinson trace and top eigenvalue of a ResNet-18 on the GPU.
 "$PYTHON" bench/diagnose.py --device cuda --batch 128 --probes 100 --max-iter 100
+# Spectral analysis of a LLaMA-7B-shaped checkpoint (random float16 weights, 13.5 GB on disk),
+# streamed from its shards with same-shape matrices batched on the GPU: target < 60 s.
+"$PYTHON" bench/spectral_7b.py --device cuda --dir "${TMPDIR:-/tmp}/tailwise-llama7b"
