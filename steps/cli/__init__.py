@@ -8,6 +8,7 @@ import traceback
 
 from steps.cli import (  # noqa: F401  (each module registers its commands on `app`)
     allocate,
+    convert,
     demo,
     diagnose,
     evaluate,

@@ -273,15 +273,25 @@ def _resolve_files(path: Path) -> tuple[list[Path], Path]:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise WeightsError(
-                f"{path}: no safetensors weights in this directory "
-                "(pickled checkpoints such as pytorch_model.bin are never loaded)"
+                f"{path}: no safetensors weights in this directory (pickled checkpoints such "
+                f"as pytorch_model.bin are never loaded: {convert_hint(path)})"
             )
         return files, path
     if path.name.endswith(".json"):
         return _index_files(path), path.parent
     if path.suffix != ".safetensors":
-        raise WeightsError(f"{path}: not a .safetensors file, index json or model directory")
+        hint = f" ({convert_hint(path)})" if path.suffix in (".pth", ".pt", ".bin") else ""
+        raise WeightsError(f"{path}: not a .safetensors file, index json or model directory"
+                           f"{hint}")
     return [path], path.parent
+
+
+def convert_hint(path: Path) -> str:
+    """How to turn a pickled checkpoint at (or in) `path` into weights tailwise reads."""
+    pickles = (sorted(path.glob("*.bin")) + sorted(path.glob("*.pt*"))) if path.is_dir() else [path]
+    target = pickles[0] if pickles else path / "CHECKPOINT.bin"
+    config = f" --config {path}" if path.is_dir() and (path / "config.json").is_file() else ""
+    return f"convert it: tailwise convert {target} --output DIR{config}"
 
 
 def _index_files(index: Path) -> list[Path]:
