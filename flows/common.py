@@ -46,6 +46,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from flows.runners import RUNNERS, Dispatch
 from steps.core.errors import ArtifactNotFound, ParamsError
+from steps.core.hub import is_hub_id, store_hub_model
 from steps.core.jobs import retry_policy
 from steps.core.registry import load_step
 from steps.core.step import StepResult, cached_result
@@ -191,9 +192,12 @@ BUILT_IN_MODELS = ("tiny-gpt2", "tiny-llama", "cnn", "mlp", "minilm", "smollm2")
 
 
 def model_digest(run: FlowRun, model: str) -> str:
-    """The digest of a built-in model (built by the build_model step), a path or a ref."""
+    """The digest of a built-in model (built by the build_model step), a path, a Hub id
+    `org/name[@revision]` (stored with its commit, steps/core/hub.py) or a ref."""
     if model in BUILT_IN_MODELS:
         return run.step("build_model", {"name": model}).digests()["model"]
+    if is_hub_id(model):
+        return store_hub_model(run.store, model)
     return run.source(model, "model")
 
 

@@ -24,14 +24,11 @@ from pathlib import Path
 import torch
 
 from steps.core.errors import TailwiseError, one_line
+from steps.core.hub import HF_SIDE_FILES
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin")
 # Where training scripts usually nest the weights inside a checkpoint dict.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")
-# What a Hugging Face directory needs beside the weights (never weights, never pickles).
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
-                 "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
 class ConvertError(TailwiseError, ValueError):

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from steps.core.errors import TailwiseError, one_line
+from steps.core.hub import is_hub_id, resolve_hub_model
 from steps.core.sparse_format import (
     FORMAT,
     FORMAT_KEY,
@@ -81,9 +82,12 @@ class _Source:
 
 
 def open_weights(source: torch.nn.Module | str | Path) -> _Source:
-    """Resolve a module or a path into a matrix source (raises WeightsError)."""
+    """Resolve a module, a path or a Hub id (`org/name[@revision]`, when no such path
+    exists; steps/core/hub.py) into a matrix source (raises WeightsError, HubError)."""
     if isinstance(source, torch.nn.Module):
         return _ModuleSource(source)
+    if isinstance(source, str) and is_hub_id(source):
+        return _SafetensorsSource(resolve_hub_model(source).snapshot)
     if isinstance(source, str | Path):
         return _SafetensorsSource(Path(source))
     raise WeightsError(f"{source!r}: expected a torch.nn.Module or a path to safetensors weights")
