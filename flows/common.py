@@ -140,9 +140,14 @@ class FlowRun:
         return self.task_runner
 
     def source(self, ref: str, kind: str) -> str:
-        """The digest of an input given as a local path (stored first) or an artifact ref."""
+        """The digest of an input given as a local path (stored first), a model's Hub id
+        `org/name[@revision]` (stored with its commit, steps/core/hub.py) or an artifact ref."""
         path = Path(ref)
-        return self.store.put(path, kind).digest if path.exists() else self.store.resolve(ref)
+        if path.exists():
+            return self.store.put(path, kind).digest
+        if kind == "model" and is_hub_id(ref):
+            return store_hub_model(self.store, ref)
+        return self.store.resolve(ref)
 
     def dispatch(self) -> Dispatch:
         return Dispatch(self.store, self.tracker, self.parent_run_id, self.flow_run_id)
@@ -193,11 +198,9 @@ BUILT_IN_MODELS = ("tiny-gpt2", "tiny-llama", "cnn", "mlp", "minilm", "smollm2")
 
 def model_digest(run: FlowRun, model: str) -> str:
     """The digest of a built-in model (built by the build_model step), a path, a Hub id
-    `org/name[@revision]` (stored with its commit, steps/core/hub.py) or a ref."""
+    or a ref (FlowRun.source)."""
     if model in BUILT_IN_MODELS:
         return run.step("build_model", {"name": model}).digests()["model"]
-    if is_hub_id(model):
-        return store_hub_model(run.store, model)
     return run.source(model, "model")
 
 
