@@ -345,6 +345,7 @@ table{border-collapse:collapse} th,td{padding:2px 8px;border-bottom:1px solid #e
 text-align:right;vertical-align:middle} td.name,td.layer_type,td.warning{text-align:left}
 td.name{max-width:340px;overflow-wrap:anywhere}
 th{cursor:pointer;position:sticky;top:0;background:#edf2f7;user-select:none}
+th[data-type=text]{text-align:left} #warnings ul{max-height:24em;overflow:auto}
 th[data-dir=asc]::after{content:" \\25B2"} th[data-dir=desc]::after{content:" \\25BC"}
 tr.under-trained td.warning,li.under-trained{color:#c05621}
 tr.over-trained td.warning,li.over-trained{color:#2b6cb0}
