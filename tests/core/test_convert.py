@@ -106,3 +106,20 @@ def test_spectral_names_convert_for_a_pickled_checkpoint_and_the_cli_converts(tm
                                 str(tmp_path / "st")])
     assert isinstance(again.exception, ConvertError)
     assert "exists and is not an empty directory" in str(again.exception)
+
+
+def test_cli_refusal_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.save({"x": Planted(str(tmp_path / "ran"))}, tmp_path / "evil.pt")
+    done = subprocess.run([sys.executable, "-m", "steps.cli", "convert", str(tmp_path / "evil.pt"),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=300, env=os.environ | {
+                              "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    assert "refused" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]

@@ -160,3 +160,16 @@ def test_offline_flag_follows_the_environment(monkeypatch):
     for value, offline in (("1", True), ("true", True), ("0", False), ("", False)):
         monkeypatch.setenv("HF_HUB_OFFLINE", value)
         assert hub_offline() is offline
+
+
+def test_cli_uncached_hub_id_is_one_line_exit_2(tmp_path):
+    env = os.environ | {"HF_HOME": str(tmp_path / "empty"), "PYTHONPATH": str(REPO_ROOT),
+                        "TAILWISE_STORE": str(tmp_path / "store")}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HF_HUB_OFFLINE", None)  # tailwise's default: offline
+    done = subprocess.run([sys.executable, "-m", "steps.cli", "spectral", "someone/not-cached"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: someone/not-cached: not in the Hugging Face cache")
+    assert not list((tmp_path / "store").rglob("*.json"))  # nothing stored
