@@ -13,7 +13,8 @@ from steps.cli.app import app, console
 @app.command()
 def convert(
     checkpoint: Annotated[Path, typer.Argument(
-        help="A state dict saved with torch.save (.pth, .pt, .bin).")],
+        help="A state dict saved with torch.save (.pth, .pt, .bin), a shard index "
+        "(pytorch_model.bin.index.json) or a directory of them (its config comes along).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write "
                                          "(model.safetensors, + config files with --config).")],
     config: Annotated[Path | None, typer.Option(

@@ -1,6 +1,11 @@
 """Pickled state dicts (.pth / .pt / .bin) -> safetensors, reading tensors only.
 
     summary = convert_checkpoint("model.pth", "out/", config="config.json")
+    summary = convert_checkpoint("old_hf_dir/", "new_hf_dir/")   # shards + its config
+
+A checkpoint is one file, a shard index (pytorch_model.bin.index.json) or a directory
+(its index, else every .bin/.pt/.pth file in it; its config and tokenizer files come
+along unless `config` names others).
 
 The checkpoint is read with ``torch.load(weights_only=True)``: tensors, containers and
 numbers only, never arbitrary objects, so a file that needs more (a pickled module, a
@@ -25,6 +30,7 @@ import torch
 
 from steps.core.errors import TailwiseError, one_line
 from steps.core.hub import HF_SIDE_FILES
+from steps.core.weights import WeightsError, index_files
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin")
 # Where training scripts usually nest the weights inside a checkpoint dict.
@@ -58,8 +64,16 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path,
     checkpoint, output = Path(checkpoint), Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConvertError(f"--output {output}: exists and is not an empty directory")
+    if config is None and (checkpoint / "config.json").is_file():
+        config = checkpoint  # a directory's own config and tokenizer
     side_files = _side_files(Path(config)) if config is not None else []
-    state, nested_key, ignored = state_dict_of(load_checkpoint(checkpoint), checkpoint, key)
+    state, nested_key, ignored = {}, None, []
+    for shard in checkpoint_files(checkpoint):
+        part, nested_key, left_out = state_dict_of(load_checkpoint(shard), shard, key)
+        if twice := sorted(set(part) & set(state)):
+            raise ConvertError(f"{shard}: tensor {twice[0]!r} is also in an earlier shard")
+        state.update(part)
+        ignored += left_out
     tensors, shared = _without_shared_storage(state)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}-") as scratch:
@@ -76,6 +90,25 @@ def convert_checkpoint(checkpoint: str | Path, output: str | Path,
         staging.rename(output)
     return Conversion(output, len(tensors), shared, ignored, nested_key,
                       [f.name for f in side_files])
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The pickled files of a checkpoint: the file, an index's shards, or a directory's."""
+    try:
+        if path.name.endswith(".index.json"):
+            return index_files(path)
+        if path.is_dir():
+            index = path / "pytorch_model.bin.index.json"
+            if index.is_file():
+                return index_files(index)
+            files = sorted(p for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+            if not files:
+                raise ConvertError(f"{path}: no {', '.join(CHECKPOINT_SUFFIXES)} checkpoint in "
+                                   "this directory")
+            return files
+    except WeightsError as error:
+        raise ConvertError(str(error)) from None
+    return [path]
 
 
 def load_checkpoint(path: Path) -> object:

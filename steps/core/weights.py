@@ -273,7 +273,7 @@ def _resolve_files(path: Path) -> tuple[list[Path], Path]:
     if path.is_dir():
         index = path / "model.safetensors.index.json"
         if index.exists():
-            return _index_files(index), path
+            return index_files(index), path
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise WeightsError(
@@ -282,7 +282,7 @@ def _resolve_files(path: Path) -> tuple[list[Path], Path]:
             )
         return files, path
     if path.name.endswith(".json"):
-        return _index_files(path), path.parent
+        return index_files(path), path.parent
     if path.suffix != ".safetensors":
         hint = f" ({convert_hint(path)})" if path.suffix in (".pth", ".pt", ".bin") else ""
         raise WeightsError(f"{path}: not a .safetensors file, index json or model directory"
@@ -292,17 +292,15 @@ def _resolve_files(path: Path) -> tuple[list[Path], Path]:
 
 def convert_hint(path: Path) -> str:
     """How to turn a pickled checkpoint at (or in) `path` into weights tailwise reads."""
-    pickles = (sorted(path.glob("*.bin")) + sorted(path.glob("*.pt*"))) if path.is_dir() else [path]
-    target = pickles[0] if pickles else path / "CHECKPOINT.bin"
-    config = f" --config {path}" if path.is_dir() and (path / "config.json").is_file() else ""
-    return f"convert it: tailwise convert {target} --output DIR{config}"
+    return f"convert it: tailwise convert {path} --output DIR"
 
 
-def _index_files(index: Path) -> list[Path]:
+def index_files(index: Path) -> list[Path]:
+    """The shard files a checkpoint index (`weight_map`) names, checked to exist below it."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
-        raise WeightsError(f"{index}: not a safetensors index ({err})") from err
+        raise WeightsError(f"{index}: not a checkpoint index ({err})") from err
     if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
         raise WeightsError(f"{index}: not a safetensors index (weight_map must map names to "
                            "shard file names)")

@@ -108,6 +108,7 @@ def test_spectral_names_convert_for_a_pickled_checkpoint_and_the_cli_converts(tm
     assert "exists and is not an empty directory" in str(again.exception)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch
 def test_cli_refusal_is_one_line_exit_2_and_writes_nothing(tmp_path):
     import os
     import subprocess
@@ -123,3 +124,29 @@ def test_cli_refusal_is_one_line_exit_2_and_writes_nothing(tmp_path):
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
     assert "refused" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]
+
+
+def test_a_directory_of_bin_shards_with_its_index_and_config(tmp_path):
+    import json
+
+    model = build_model("tiny-llama", seed=1)
+    old = tmp_path / "old_hf"
+    old.mkdir()
+    state = model.state_dict()
+    names = list(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for shard, shard_names in shards.items():
+        torch.save({n: state[n] for n in shard_names}, old / shard)
+    (old / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {n: shard for shard, ns in shards.items() for n in ns}}))
+    model.config.to_json_file(old / "config.json")
+    with pytest.raises(WeightsError, match=rf"tailwise convert {old} --output DIR"):
+        open_weights(old)
+
+    done = convert_checkpoint(old, tmp_path / "new")
+
+    assert done.tensors == len(names) and done.side_files == ["config.json"]
+    got, expected = alphas(tmp_path / "new"), alphas(model)
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[n] for n in expected], list(expected.values()), rtol=1e-12)
