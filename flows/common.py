@@ -46,6 +46,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from flows.runners import RUNNERS, Dispatch
 from steps.core.errors import ArtifactNotFound, ParamsError
+from steps.core.hub import is_hub_id, store_hub_model
 from steps.core.jobs import retry_policy
 from steps.core.registry import load_step
 from steps.core.step import StepResult, cached_result
@@ -139,9 +140,14 @@ class FlowRun:
         return self.task_runner
 
     def source(self, ref: str, kind: str) -> str:
-        """The digest of an input given as a local path (stored first) or an artifact ref."""
+        """The digest of an input given as a local path (stored first), a model's Hub id
+        `org/name[@revision]` (stored with its commit, steps/core/hub.py) or an artifact ref."""
         path = Path(ref)
-        return self.store.put(path, kind).digest if path.exists() else self.store.resolve(ref)
+        if path.exists():
+            return self.store.put(path, kind).digest
+        if kind == "model" and is_hub_id(ref):
+            return store_hub_model(self.store, ref)
+        return self.store.resolve(ref)
 
     def dispatch(self) -> Dispatch:
         return Dispatch(self.store, self.tracker, self.parent_run_id, self.flow_run_id)
@@ -191,7 +197,8 @@ BUILT_IN_MODELS = ("tiny-gpt2", "tiny-llama", "cnn", "mlp", "minilm", "smollm2")
 
 
 def model_digest(run: FlowRun, model: str) -> str:
-    """The digest of a built-in model (built by the build_model step), a path or a ref."""
+    """The digest of a built-in model (built by the build_model step), a path, a Hub id
+    or a ref (FlowRun.source)."""
     if model in BUILT_IN_MODELS:
         return run.step("build_model", {"name": model}).digests()["model"]
     return run.source(model, "model")

@@ -8,12 +8,14 @@ import traceback
 
 from steps.cli import (  # noqa: F401  (each module registers its commands on `app`)
     allocate,
+    convert,
     demo,
     diagnose,
     evaluate,
     finetune,
     lineage,
     prune,
+    report,
     spectral,
     store,
 )

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from steps.core.errors import TailwiseError
+from steps.core.hub import is_hub_id, store_hub_model
 from steps.core.store import open_store
 
 app = typer.Typer(
@@ -60,7 +61,8 @@ REF_PATTERN = re.compile(r"(sha256:)?[0-9a-f]{4,64}|\w+://.+")
 
 
 def input_ref(the_store, ref: str, kind: str) -> str:
-    """An input given as a path is stored first (a source artifact); else an artifact ref."""
+    """An input given as a path is stored first (a source artifact); a model may also be a
+    Hub id `org/name[@revision]` (steps/core/hub.py); else an artifact ref."""
     path = Path(ref)
     if path.exists():
         if kind == "model":
@@ -68,9 +70,12 @@ def input_ref(the_store, ref: str, kind: str) -> str:
 
             open_weights(path).infos()  # reads headers only: refuses a corrupt file early
         return the_store.put(path, kind).digest
+    if kind == "model" and is_hub_id(ref):
+        return store_hub_model(the_store, ref)
     if REF_PATTERN.fullmatch(ref):
         return the_store.resolve(ref)
-    raise TailwiseError(f"{kind} {ref}: no such file or directory (give a path or an "
+    hub = ", a Hub id org/name[@revision]" if kind == "model" else ""
+    raise TailwiseError(f"{kind} {ref}: no such file or directory (give a path{hub} or an "
                         "artifact digest)")
 
 

@@ -150,7 +150,11 @@ def _text_upstream(graph: Graph, digest: str, depth: int, lines: list[str], seen
     seen.add(digest)
     made = manifest.produced_by
     if made is None:
-        lines.append(f"{pad}  source artifact (stored by hand, no producing step)")
+        origin = manifest.source or {}
+        lines.append(f"{pad}  source artifact from the Hub: {origin['hub']} at commit "
+                     f"{origin['revision']} ({origin.get('requested_revision')})"
+                     if "hub" in origin else
+                     f"{pad}  source artifact (stored by hand, no producing step)")
         return
     lines.extend(_step_lines(made, pad + "  "))
     for name, input_digest in sorted(made.inputs.items()):

@@ -67,6 +67,8 @@ class Manifest(BaseModel):
     name: str | None = None
     files: list[FileEntry] | None = None
     produced_by: ProducedBy | None = None
+    # Where a source artifact came from, e.g. a Hub repo, its commit and blob ids (hub.py).
+    source: dict[str, Any] | None = None
 
     model_config = {"populate_by_name": True}
 
@@ -152,11 +154,17 @@ class ArtifactStore:
     # -- writing ---------------------------------------------------------------
 
     def put(self, path: Path | str, kind: str, *, media_type: str | None = None,
-            produced_by: ProducedBy | None = None) -> Manifest:
-        """Store a file or a directory; return its manifest (existing one if already stored)."""
+            produced_by: ProducedBy | None = None, source: dict[str, Any] | None = None,
+            links_into: Path | None = None) -> Manifest:
+        """Store a file or a directory; return its manifest (existing one if already stored).
+
+        source: where a source artifact came from, recorded in its manifest.
+        links_into: a folder that a directory's symlinks may also point into (a Hub cache
+            repo's blobs); other links out of the directory are refused.
+        """
         path = Path(path)
         if path.is_dir():
-            files, sources = self._scan_dir(path)
+            files, sources = self._scan_dir(path, links_into)
             digest, size = tree_digest(files), sum(f.size for f in files)
             media_type = media_type or DIR_MEDIA_TYPE
         elif path.is_file():
@@ -169,25 +177,26 @@ class ArtifactStore:
         existing = self._read_manifest(digest)
         if existing is not None:
             return existing
-        for object_digest, source in sources.items():
+        for object_digest, file_path in sources.items():
             if not self.backend.exists(object_key(object_digest)):
-                self.backend.put_file(object_key(object_digest), source)
+                self.backend.put_file(object_key(object_digest), file_path)
         manifest = Manifest(digest=digest, kind=kind, media_type=media_type, size=size,
                             created_at=now(), name=path.name, files=files,
-                            produced_by=produced_by)
+                            produced_by=produced_by, source=source)
         # Two writers of one digest race here: the first manifest stays, and both get it.
         self.backend.put_bytes_if_absent(manifest_key(digest), manifest.to_json())
         return self._read_manifest(digest) or manifest
 
     @staticmethod
-    def _scan_dir(root: Path) -> tuple[list[FileEntry], dict[str, Path]]:
+    def _scan_dir(root: Path, links_into: Path | None = None
+                  ) -> tuple[list[FileEntry], dict[str, Path]]:
         files, sources = [], {}
-        inside = root.resolve()
+        inside = [root.resolve()] + ([links_into.resolve()] if links_into else [])
         for path in sorted(root.rglob("*")):
             # A link out of the directory (to /etc/passwd, to another model) would copy a
             # file the artifact does not own into the store: refuse it. Links that stay
             # inside are stored as the content they point at.
-            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+            if path.is_symlink() and not any(path.resolve().is_relative_to(i) for i in inside):
                 raise StoreError(f"cannot store directory {root}: {path.relative_to(root)} is "
                                  f"a symlink out of it (to {os.readlink(path)}); copy the file "
                                  "in instead (cp -L)")

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from steps.core.errors import TailwiseError, one_line
+from steps.core.hub import is_hub_id, resolve_hub_model
 from steps.core.sparse_format import (
     FORMAT,
     FORMAT_KEY,
@@ -81,9 +82,12 @@ class _Source:
 
 
 def open_weights(source: torch.nn.Module | str | Path) -> _Source:
-    """Resolve a module or a path into a matrix source (raises WeightsError)."""
+    """Resolve a module, a path or a Hub id (`org/name[@revision]`, when no such path
+    exists; steps/core/hub.py) into a matrix source (raises WeightsError, HubError)."""
     if isinstance(source, torch.nn.Module):
         return _ModuleSource(source)
+    if isinstance(source, str) and is_hub_id(source):
+        return _SafetensorsSource(resolve_hub_model(source).snapshot)
     if isinstance(source, str | Path):
         return _SafetensorsSource(Path(source))
     raise WeightsError(f"{source!r}: expected a torch.nn.Module or a path to safetensors weights")
@@ -269,26 +273,34 @@ def _resolve_files(path: Path) -> tuple[list[Path], Path]:
     if path.is_dir():
         index = path / "model.safetensors.index.json"
         if index.exists():
-            return _index_files(index), path
+            return index_files(index), path
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise WeightsError(
-                f"{path}: no safetensors weights in this directory "
-                "(pickled checkpoints such as pytorch_model.bin are never loaded)"
+                f"{path}: no safetensors weights in this directory (pickled checkpoints such "
+                f"as pytorch_model.bin are never loaded: {convert_hint(path)})"
             )
         return files, path
     if path.name.endswith(".json"):
-        return _index_files(path), path.parent
+        return index_files(path), path.parent
     if path.suffix != ".safetensors":
-        raise WeightsError(f"{path}: not a .safetensors file, index json or model directory")
+        hint = f" ({convert_hint(path)})" if path.suffix in (".pth", ".pt", ".bin") else ""
+        raise WeightsError(f"{path}: not a .safetensors file, index json or model directory"
+                           f"{hint}")
     return [path], path.parent
 
 
-def _index_files(index: Path) -> list[Path]:
+def convert_hint(path: Path) -> str:
+    """How to turn a pickled checkpoint at (or in) `path` into weights tailwise reads."""
+    return f"convert it: tailwise convert {path} --output DIR"
+
+
+def index_files(index: Path) -> list[Path]:
+    """The shard files a checkpoint index (`weight_map`) names, checked to exist below it."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
-        raise WeightsError(f"{index}: not a safetensors index ({err})") from err
+        raise WeightsError(f"{index}: not a checkpoint index ({err})") from err
     if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
         raise WeightsError(f"{index}: not a safetensors index (weight_map must map names to "
                            "shard file names)")

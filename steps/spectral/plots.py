@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from steps.spectral.metrics import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA  # noqa: E402
+from steps.spectral.report import esd_density, fitted_tail  # noqa: E402
 
 _BLOCK_PREFIX = re.compile(r"^.*?(?:^|\.)(?:layers?|h|blocks?)\.\d+\.|^.*?(?:^|\.)layer\d+\.")
 _MAX_KINDS = 12  # more colours than this are unreadable; the rest are "other"
@@ -85,19 +86,13 @@ def plot_best_and_worst_esd(metrics: pa.Table, esd: pa.Table, directory: Path) -
 def plot_esd_fit(evals: np.ndarray, row: dict, path: str | Path, label: str = "") -> Path:
     """Log-log histogram density of the ESD with the fitted tail p(x) ~ x^-alpha."""
     positive = evals[evals > 0]
-    bins = np.logspace(np.log10(positive.min()), np.log10(positive.max()), 60)
-    density, edges = np.histogram(positive, bins=bins, density=True)
-    centres = np.sqrt(edges[:-1] * edges[1:])
-
+    centres, density = esd_density(positive, 59)
     alpha, xmin = row["alpha"], row["xmin"]
-    tail_share = row["num_pl_spikes"] / len(positive)
-    x = np.logspace(np.log10(xmin), np.log10(positive.max()), 50)
-    # Power-law pdf on [xmin, inf), scaled by the tail's share of the ESD.
-    fitted = tail_share * (alpha - 1) / xmin * (x / xmin) ** (-alpha)
+    # The fitted pdf is a straight line in log-log: its two ends (report.fitted_tail).
+    x, fitted = 10.0 ** np.array(fitted_tail(row, len(positive), positive.max())).T
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    shown = density > 0
-    ax.loglog(centres[shown], density[shown], "o", markersize=3, label="ESD")
+    ax.loglog(centres, density, "o", markersize=3, label="ESD")
     ax.loglog(x, fitted, "r--", label=f"fit alpha = {alpha:.2f}")
     ax.axvline(xmin, color="grey", linestyle=":", label=f"xmin = {xmin:.3g}")
     ax.set_xlabel("eigenvalue of W^T W")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from steps.core.step import Output, Step, StepContext
 from steps.spectral import analyze, summarize
 from steps.spectral.plots import write_plots
+from steps.spectral.report import write_report
 
 
 class SpectralParams(BaseModel):
@@ -49,7 +50,15 @@ def spectral(ctx: StepContext, params: SpectralParams, inputs: dict[str, Path]) 
         for path in write_plots(metrics, esd, plot_dir):
             ctx.log_file(path, "plots")
         outputs["plots"] = Output(plot_dir, "plots")
+    outputs["report"] = html_report(ctx, metrics, esd, digest)
     return outputs
+
+
+def html_report(ctx: StepContext, metrics: pa.Table, esd: pa.Table, digest: str) -> Output:
+    """The HT-SR report page (steps/spectral/report.py), also attached to the MLflow run."""
+    path = write_report(metrics, esd, ctx.workdir / "report.html", f"model {digest[:12]}")
+    ctx.log_file(path, "report")
+    return Output(path, "report", "text/html")
 
 
 def write_table(table: pa.Table, path: Path, kind: str) -> Output:
@@ -57,4 +66,4 @@ def write_table(table: pa.Table, path: Path, kind: str) -> Output:
     return Output(path, kind, "application/vnd.apache.parquet")
 
 
-STEP = Step(name="spectral", version="1", params=SpectralParams, inputs=("model",), fn=spectral)
+STEP = Step(name="spectral", version="2", params=SpectralParams, inputs=("model",), fn=spectral)

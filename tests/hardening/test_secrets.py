@@ -84,7 +84,7 @@ def test_secrets_appear_nowhere(planted: S3Info, mlflow_server: str, tmp_path: P
                               capture_output=True, timeout=400, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
-    assert set(result["outputs"]) == {"metrics", "esd", "plots"}
+    assert set(result["outputs"]) == {"metrics", "esd", "plots", "report"}
 
     found: dict[str, list[bytes]] = {}
 
