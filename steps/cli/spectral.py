@@ -29,13 +29,22 @@ def spectral(
         help="Regex: skip matching matrices (repeatable).")] = None,
     conv_slices: Annotated[bool, typer.Option(
         help="One row per conv kernel slice instead of the pooled ESD.")] = False,
+    farms: Annotated[bool, typer.Option(
+        help="Also measure FARMS alpha (column alpha_peak_farms) on fixed-aspect-ratio "
+        "windows.")] = False,
+    farms_window: Annotated[int, typer.Option(
+        help="FARMS window rows (capped at the matrix's smaller side).")] = 2000,
+    farms_q: Annotated[float, typer.Option(help="FARMS window columns / rows.")] = 1.0,
+    farms_ops: Annotated[int, typer.Option(
+        help="FARMS window positions per side (at most ops x ops windows).")] = 10,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute.")] = False,
     store: StoreOption = None,
 ) -> None:
     """Measure every weight matrix's eigenvalue spectrum: alpha, norms, rank, warnings."""
     the_store = open_store(store)
     params = {"estimator": estimator, "device": device, "include": include,
-              "exclude": exclude, "conv_slices": conv_slices}
+              "exclude": exclude, "conv_slices": conv_slices, "farms": farms,
+              "farms_window": farms_window, "farms_q": farms_q, "farms_ops": farms_ops}
     _, result = run_and_report("spectral", params, {"model": input_ref(the_store, model, "model")},
                                store, use_cache=not no_cache, progress=True)
     print_spectral_summary(read_output(the_store, result.outputs["metrics"].digest, output))

@@ -14,9 +14,11 @@ def test_csv_and_parquet_read_the_same(tmp_path):
     table = layer_table([1.0, 2.0, 3.0], shapes=[(4, 4), (4, 8), (8, 8)])
     pq.write_table(table, tmp_path / "m.parquet")
     (tmp_path / "m.csv").write_text(
-        "name,alpha,N,M\n"
+        "name,alpha_peak,N,M\n"
         + "".join(
-            f"{n},{a},{nn},{m}\n" for n, a, nn, m in zip(*table.to_pydict().values(), strict=True)
+            f"{n},{a},{nn},{m}\n"
+            for n, a, nn, m in zip(*table.select(["name", "alpha_peak", "N", "M"]).to_pydict()
+                                   .values(), strict=True)
         )
     )
     from_parquet = allocate(read_metrics(tmp_path / "m.parquet"), "alphapruning", sparsity=0.5)
@@ -50,17 +52,21 @@ def bad_input(tmp_path, rows: str) -> pa.Table:
 @pytest.mark.parametrize(
     ("rows", "policy", "options", "message"),
     [
-        ("name,alpha_peak\nmodel.layers.0.q,1\n", "alphapruning", {}, r"missing column\(s\) alpha"),
-        ("alpha\n1\n", "alphapruning", {}, r"missing column\(s\) name"),
-        ("name,alpha\n", "alphapruning", {}, "empty"),
-        ("name,alpha\nmodel.layers.0.q,1\nmodel.layers.1.q,\n", "alphapruning", {}, "NaN"),
-        ("name,alpha\nmodel.layers.0.q,1\nmodel.layers.1.q,nan\n", "alphalora", {}, "NaN"),
+        ("name,alpha\nmodel.layers.0.q,1\n", "alphapruning", {},
+         r"missing column\(s\) alpha_peak .*make it with `tailwise spectral MODEL`"),
+        ("name,alpha\nmodel.layers.0.q,1\n", "alphapruning", {"metric": "alpha_peak_farms"},
+         r"missing column\(s\) alpha_peak_farms .*`tailwise spectral MODEL --farms`"),
+        ("name,alpha\nmodel.layers.0.q,1\n", "tempbalance", {}, r"missing column\(s\) alpha_hill "),
+        ("alpha_peak\n1\n", "alphapruning", {}, r"missing column\(s\) name"),
+        ("name,alpha_peak\n", "alphapruning", {}, "empty"),
+        ("name,alpha_peak\nmodel.layers.0.q,1\nmodel.layers.1.q,\n", "alphapruning", {}, "NaN"),
+        ("name,alpha_peak\nmodel.layers.0.q,1\nmodel.layers.1.q,nan\n", "alphalora", {}, "NaN"),
         ("name,alpha\nmodel.layers.0.q,1\nmodel.layers.0.q,2\n", "uniform", {}, "duplicate"),
-        ("name,alpha\nfc1,1\nfc2,2\n", "alphapruning", {}, "cannot find a block index in 2"),
-        ("name,alpha\nmodel.layers.0.q,x\n", "tempbalance", {}, "not numeric"),
+        ("name,alpha_peak\nfc1,1\nfc2,2\n", "alphapruning", {}, "cannot find a block index in 2"),
+        ("name,alpha_hill\nmodel.layers.0.q,x\n", "tempbalance", {}, "not numeric"),
         ("name,outlier_ratio\nmodel.layers.0.q,-1\n", "owl", {}, ">= 0"),
-        ("name,block,alpha\na,0.5,1\n", "alphapruning", {}, "block must hold integers"),
-        ("name,alpha,N,M\nmodel.layers.0.q,1,0,4\n", "alphapruning", {}, "must be positive"),
+        ("name,block,alpha_peak\na,0.5,1\n", "alphapruning", {}, "block must hold integers"),
+        ("name,alpha_peak,N,M\nmodel.layers.0.q,1,0,4\n", "alphapruning", {}, "must be positive"),
     ],
 )
 def test_bad_tables_name_the_input(tmp_path, rows, policy, options, message):
@@ -97,7 +103,7 @@ def test_unknown_policy():
 
 
 def test_tables_without_blocks_still_work_per_layer():
-    table = pa.table({"name": ["conv1", "fc"], "alpha": [2.0, 4.0]})
+    table = pa.table({"name": ["conv1", "fc"], "alpha_hill": [2.0, 4.0]})
     uniform = allocate(table, "uniform", sparsity=0.3)
     assert uniform["block"].to_pylist() == [None, None]
     lr = allocate(table, "tempbalance", exclude_first_last=False)
