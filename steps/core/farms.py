@@ -19,8 +19,9 @@ whole matrix, which removes the aspect-ratio bias of alpha:
 
 Every window has the same shape, so the eigenvalues come from one batched float64
 eigensolve of the windows' Gram matrices (of the smaller side), on the GPU when one is
-given. Windows that share rows share one Gram of their rows: a window's Gram is a
-diagonal block of it, so the rows are multiplied once per row position, not per window.
+given. Windows at one row position are diagonal blocks of one Gram of their rows, and
+that Gram slides down the matrix by the rows that leave and enter it, so each row is
+multiplied about once, not once per window.
 """
 
 from __future__ import annotations
@@ -105,16 +106,30 @@ def _matrix_spectra(matrix: torch.Tensor, options: FarmsOptions, device: str) ->
 def _sliding_grams(
     matrix: torch.Tensor, r: int, c: int, row_starts: list[int], col_starts: list[int]
 ) -> Iterator[torch.Tensor]:
-    """Gram matrices (of the smaller side) of the windows matrix[a:a+r, b:b+c], float64."""
+    """Gram matrices (of the smaller side) of the windows matrix[a:a+r, b:b+c], float64.
+
+    The Gram of a row slab is updated from one row position to the next by the rows that
+    leave and enter it, so overlapping slabs cost only their new rows; the windows at one
+    row position are diagonal blocks of its slab's Gram.
+    """
     if c > r:  # the rows side is smaller: the same computation on the transpose
         matrix, r, c, row_starts, col_starts = matrix.t(), c, r, col_starts, row_starts
+    left, right = min(col_starts), max(col_starts) + c
+    block = matrix[:, left:right]
+    gram, top = None, 0
     for a in row_starts:
-        slab = matrix[a : a + r].to(torch.float64)
-        left, right = min(col_starts), max(col_starts) + c
-        block = slab[:, left:right]
-        gram = block.t() @ block
+        if gram is None or a - top >= r:
+            gram = _rows_gram(block, a, a + r)
+        else:  # a new tensor: the blocks already yielded keep their values
+            gram = gram - _rows_gram(block, top, a) + _rows_gram(block, top + r, a + r)
+        top = a
         for b in col_starts:
             yield gram[b - left : b - left + c, b - left : b - left + c]
+
+
+def _rows_gram(block: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    rows = block[start:stop].to(torch.float64)
+    return rows.t() @ rows
 
 
 def _conv_spectra(tensor: torch.Tensor, layer_type: str, q: float, device: str) -> FarmsSpectra:
