@@ -1,5 +1,7 @@
 """Reading metrics files, the policy registry, bad input and the plot."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -131,3 +133,25 @@ def test_plot_is_written(tmp_path, llama7b, policy):
 def test_plot_without_decision_column(tmp_path):
     with pytest.raises(AllocationError, match="none of the columns"):
         plot_decisions(pa.table({"name": ["a"]}), tmp_path / "x.png")
+
+
+@pytest.mark.parametrize(("policy", "options", "column"), [
+    ("alphapruning", {}, "alpha_peak"),
+    ("alphalora", {"total": 8}, "alpha_peak"),
+    ("tempbalance", {}, "alpha_hill"),
+    ("tempbalance", {"variant": "sigmoid"}, "alpha_hill_k1.5"),
+    ("alphapruning", {"metric": "alpha"}, "alpha"),
+])
+def test_each_policy_reads_its_papers_alpha_by_default(policy, options, column):
+    # A spectral table whose alpha columns all differ: the decision must follow `column`.
+    rng = np.random.default_rng(0)
+    names = [f"model.layers.{i // 2}.proj{i % 2}" for i in range(8)]
+    columns = ("alpha", "alpha_peak", "alpha_hill", "alpha_hill_k1.5")
+    table = pa.table({"name": names, **{c: rng.uniform(1.5, 6.0, 8) for c in columns}})
+    decisions = allocate(table, policy, **options)
+    assert column in decisions.column_names
+    recorded = json.loads(decisions.schema.metadata[b"tailwise.options"])
+    assert recorded["metric"] == column
+    expected = allocate(table.select(["name", column]), policy, **options | {"metric": column})
+    decision = POLICIES[policy].decision
+    assert decisions[decision].to_pylist() == expected[decision].to_pylist()
