@@ -112,7 +112,9 @@ def _sliding_grams(
     leave and enter it, so overlapping slabs cost only their new rows; the windows at one
     row position are diagonal blocks of its slab's Gram.
     """
-    if c > r:  # the rows side is smaller: the same computation on the transpose
+    # The Gram is of the smaller window side, and (for square windows) the slab slides
+    # along the side with more window positions: otherwise work on the transpose.
+    if c > r or (c == r and len(col_starts) > len(row_starts)):
         matrix, r, c, row_starts, col_starts = matrix.t(), c, r, col_starts, row_starts
     left, right = min(col_starts), max(col_starts) + c
     block = matrix[:, left:right]
