@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from steps.cli.app import StoreOption, app, console, input_ref, read_output, run_and_report
+from steps.core.registry import load_step
 from steps.core.store import open_store
 
 
@@ -45,6 +46,7 @@ def spectral(
     params = {"estimator": estimator, "device": device, "include": include,
               "exclude": exclude, "conv_slices": conv_slices, "farms": farms,
               "farms_window": farms_window, "farms_q": farms_q, "farms_ops": farms_ops}
+    load_step("spectral").validate(params)  # bad options fail before the model is stored
     _, result = run_and_report("spectral", params, {"model": input_ref(the_store, model, "model")},
                                store, use_cache=not no_cache, progress=True)
     print_spectral_summary(read_output(the_store, result.outputs["metrics"].digest, output))

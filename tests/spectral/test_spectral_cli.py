@@ -3,8 +3,6 @@ default, FARMS columns, and FARMS bad input."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -12,21 +10,29 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from steps.cli import main
 from steps.core.factory import build_model, byte_tokenizer, save_hf
 
 
-def tailwise(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steps.cli", *args], capture_output=True,
-                          text=True, timeout=600, env=os.environ | env)
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-spectral")
-    model = save_hf(build_model("tiny-llama", seed=0), byte_tokenizer(), root / "llama")
-    env = {"TAILWISE_STORE": str(root / "store"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    return root, model, env
+    return save_hf(build_model("tiny-llama", seed=0), byte_tokenizer(), root / "llama")
+
+
+@pytest.fixture
+def tailwise(tmp_path, monkeypatch, capsys):
+    """Run the CLI's entry point in this process: (exit code, stderr)."""
+    monkeypatch.setenv("TAILWISE_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["tailwise", *args])
+        with pytest.raises(SystemExit) as done:
+            main()
+        return done.value.code, capsys.readouterr().err
+
+    return run
 
 
 def alphapruning_by_formula(metrics, column: str, target: float, eps: float) -> np.ndarray:
@@ -40,13 +46,13 @@ def alphapruning_by_formula(metrics, column: str, target: float, eps: float) -> 
     return ratio * target * params.sum() / (params @ ratio)
 
 
-def test_plain_chain_allocates_from_alpha_peak(setup):
-    root, model, env = setup
-    done = tailwise("spectral", str(model), "--output", str(root / "m.parquet"), env=env)
-    assert done.returncode == 0, done.stderr
-    done = tailwise("allocate", str(root / "m.parquet"), "--policy", "alphapruning", "--mode",
-                    "reference", "--output", str(root / "d.parquet"), env=env)
-    assert done.returncode == 0, done.stderr
+def test_plain_chain_allocates_from_alpha_peak(model_dir, tailwise, tmp_path):
+    root = tmp_path
+    code, err = tailwise("spectral", str(model_dir), "--output", str(root / "m.parquet"))
+    assert code == 0, err
+    code, err = tailwise("allocate", str(root / "m.parquet"), "--policy", "alphapruning",
+                         "--mode", "reference", "--output", str(root / "d.parquet"))
+    assert code == 0, err
     metrics = pq.read_table(root / "m.parquet")
     metrics = metrics.filter(pc.is_valid(metrics["block"]))
     decisions = pq.read_table(root / "d.parquet")
@@ -58,11 +64,11 @@ def test_plain_chain_allocates_from_alpha_peak(setup):
     assert np.abs(from_ks - expected).max() > 0.01
 
 
-def test_farms_columns_and_allocation_from_them(setup):
-    root, model, env = setup
-    done = tailwise("spectral", str(model), "--farms", "--farms-window", "64", "--farms-ops", "3",
-                    "--output", str(root / "f.parquet"), env=env)
-    assert done.returncode == 0, done.stderr
+def test_farms_columns_and_allocation_from_them(model_dir, tailwise, tmp_path):
+    root = tmp_path
+    code, err = tailwise("spectral", str(model_dir), "--farms", "--farms-window", "64",
+                         "--farms-ops", "3", "--output", str(root / "f.parquet"))
+    assert code == 0, err
     metrics = pq.read_table(root / "f.parquet")
     rows = {r["name"]: r for r in metrics.to_pylist()}
     q_proj = rows["model.layers.0.self_attn.q_proj"]  # 128 x 128: 3 x 3 windows of 64 x 64
@@ -70,9 +76,9 @@ def test_farms_columns_and_allocation_from_them(setup):
     assert q_proj["farms_capped"] is False
     k_proj = rows["model.layers.0.self_attn.k_proj"]  # 64 x 128 (2 KV heads of 32)
     assert (k_proj["farms_rows"], k_proj["farms_windows"], k_proj["farms_capped"]) == (64, 3, False)
-    done = tailwise("allocate", str(root / "f.parquet"), "--policy", "alphapruning", "--metric",
-                    "alpha_peak_farms", "--output", str(root / "fd.parquet"), env=env)
-    assert done.returncode == 0, done.stderr
+    code, err = tailwise("allocate", str(root / "f.parquet"), "--policy", "alphapruning",
+                         "--metric", "alpha_peak_farms", "--output", str(root / "fd.parquet"))
+    assert code == 0, err
     assert "alpha_peak_farms" in pq.read_table(root / "fd.parquet").column_names
 
 
@@ -80,11 +86,12 @@ def test_farms_columns_and_allocation_from_them(setup):
     ("--farms-ops", "1", "farms_ops: Input should be greater than or equal to 2"),
     ("--farms-q", "0", "farms_q: Input should be greater than 0"),
 ])
-def test_farms_bad_options_exit_2_with_one_line_and_write_nothing(setup, option, value, message):
-    root, model, env = setup
-    output = root / f"bad{option}.parquet"
-    done = tailwise("spectral", str(model), "--farms", option, value, "--output", str(output),
-                    env=env)
-    assert done.returncode == 2
-    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+def test_farms_bad_options_exit_2_with_one_line_and_write_nothing(model_dir, tailwise, tmp_path,
+                                                                 option, value, message):
+    output = tmp_path / "bad.parquet"
+    code, err = tailwise("spectral", str(model_dir), "--farms", option, value, "--output",
+                         str(output))
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not output.exists()
+    assert not [f for f in (tmp_path / "store").rglob("*") if f.is_file()]
