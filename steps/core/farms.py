@@ -19,9 +19,9 @@ whole matrix, which removes the aspect-ratio bias of alpha:
 
 Every window has the same shape, so the eigenvalues come from one batched float64
 eigensolve of the windows' Gram matrices (of the smaller side), on the GPU when one is
-given. Windows at one row position are diagonal blocks of one Gram of their rows, and
-that Gram slides down the matrix by the rows that leave and enter it, so each row is
-multiplied about once, not once per window.
+given. Overlapping windows at one row position are diagonal blocks of one Gram of their
+rows, and Grams slide down the matrix by the rows that leave and enter them, so a row
+is multiplied about once per column group, not once per window.
 """
 
 from __future__ import annotations
@@ -108,25 +108,36 @@ def _sliding_grams(
 ) -> Iterator[torch.Tensor]:
     """Gram matrices (of the smaller side) of the windows matrix[a:a+r, b:b+c], float64.
 
-    The Gram of a row slab is updated from one row position to the next by the rows that
-    leave and enter it, so overlapping slabs cost only their new rows; the windows at one
-    row position are diagonal blocks of its slab's Gram.
+    Each column group's Gram is updated from one row position to the next by the rows
+    that leave and enter it, so overlapping row slabs cost only their new rows; the
+    windows of a group are diagonal blocks of its Gram.
     """
     # The Gram is of the smaller window side, and (for square windows) the slab slides
     # along the side with more window positions: otherwise work on the transpose.
     if c > r or (c == r and len(col_starts) > len(row_starts)):
         matrix, r, c, row_starts, col_starts = matrix.t(), c, r, col_starts, row_starts
-    left, right = min(col_starts), max(col_starts) + c
-    block = matrix[:, left:right]
-    gram, top = None, 0
+    groups = _column_groups(col_starts, c)
+    grams: list[torch.Tensor | None] = [None] * len(groups)
+    top = 0
     for a in row_starts:
-        if gram is None or a - top >= r:
-            gram = _rows_gram(block, a, a + r)
-        else:  # a new tensor: the blocks already yielded keep their values
-            gram = gram - _rows_gram(block, top, a) + _rows_gram(block, top + r, a + r)
+        for g, (left, right, starts) in enumerate(groups):
+            block = matrix[:, left:right]
+            if grams[g] is None or a - top >= r:
+                grams[g] = _rows_gram(block, a, a + r)
+            else:  # a new tensor: the blocks already yielded keep their values
+                grams[g] = grams[g] - _rows_gram(block, top, a) + _rows_gram(block, top + r, a + r)
+            for b in starts:
+                yield grams[g][b - left : b - left + c, b - left : b - left + c]
         top = a
-        for b in col_starts:
-            yield gram[b - left : b - left + c, b - left : b - left + c]
+
+
+def _column_groups(col_starts: list[int], c: int) -> list[tuple[int, int, list[int]]]:
+    """(left, right, starts): one Gram over the span of all column windows when that is
+    cheaper than one Gram per window (heavily overlapping windows), else one each."""
+    left, right = min(col_starts), max(col_starts) + c
+    if (right - left) ** 2 <= len(col_starts) * c * c:
+        return [(left, right, col_starts)]
+    return [(b, b + c, [b]) for b in col_starts]
 
 
 def _rows_gram(block: torch.Tensor, start: int, stop: int) -> torch.Tensor:

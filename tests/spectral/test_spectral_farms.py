@@ -31,6 +31,7 @@ def _farms_row(layer: torch.nn.Module, options: FarmsOptions) -> dict:
     ((120, 300), 40, 0.5, 5),
     ((250, 90), 2000, 1.0, 10),  # window capped at the smaller side: 90 x 90
     ((90, 250), 2000, 1.0, 10),  # one row position, ten column positions
+    ((140, 128), 120, 1.0, 3),  # overlapping column windows: blocks of one Gram
 ])
 def test_matrix_alpha_equals_the_reference(shape, window, q, ops):
     layer = _heavy_linear(*shape, seed=sum(shape) + ops)
