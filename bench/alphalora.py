@@ -93,7 +93,7 @@ def alphalora_counts(model_dir, total: int) -> tuple[dict[int, int], list[float]
     counts = dict(
         zip(decisions["block"].to_pylist(), decisions["experts"].to_pylist(), strict=True)
     )
-    return counts, decisions["alpha"].to_pylist(), seconds
+    return counts, decisions["alpha_peak"].to_pylist(), seconds
 
 
 def text_ids(tokenizer, path, max_chars: int) -> torch.Tensor:

@@ -27,7 +27,8 @@ class AlphaLoraOptions(BaseModel):
 
     total: int = Field(160, ge=1, description="T, total number of experts over all blocks")
     beta: float = Field(2.5, ge=0, description="exponent on the block alpha")
-    metric: str = Field("alpha", description="metric column (the paper uses alpha_peak)")
+    metric: str = Field("alpha_peak", description="metric column: the paper's alpha_peak by "
+                        "default")
     mode: Literal["residual", "reference"] = Field(
         "residual",
         description="residual: fix the total on the largest rounding residuals, at least one "

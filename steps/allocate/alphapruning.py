@@ -29,7 +29,8 @@ class AlphaPruningOptions(BaseModel):
 
     sparsity: float = Field(0.7, ge=0, lt=1, description="global target sparsity S in [0, 1)")
     epsilon: float = Field(0.3, ge=0, lt=1, description="spread: s_i in [1 - eps, 1 + eps]")
-    metric: str = Field("alpha", description="metric column (the paper uses alpha_peak)")
+    metric: str = Field("alpha_peak", description="metric column: the paper's alpha_peak by "
+                        "default (e.g. alpha_peak_farms for FARMS, alpha for --estimator's)")
     by_block: bool = Field(True, description="use block means of the metric (the paper's default)")
     mode: Literal["clipped", "reference"] = Field(
         "clipped",

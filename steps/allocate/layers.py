@@ -16,6 +16,13 @@ from steps.core.naming import BLOCK_PATTERN
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
+_SPECTRAL_COLUMNS = "alpha, alpha_peak, alpha_hill, alpha_hill_k1.5"
+# How to make a column the policies read by default, for the missing-column error.
+COLUMN_SOURCES = {
+    **dict.fromkeys(_SPECTRAL_COLUMNS.split(", "),
+                    f"`tailwise spectral MODEL` (writes {_SPECTRAL_COLUMNS})"),
+    "alpha_peak_farms": "`tailwise spectral MODEL --farms`",
+}
 
 
 def fail(table: pa.Table, problem: str) -> AllocationError:
@@ -39,7 +46,10 @@ def require_columns(table: pa.Table, *columns: str) -> None:
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         have = ", ".join(table.column_names) or "none"
-        raise fail(table, f"missing column(s) {', '.join(missing)} (has: {have})")
+        makers = sorted({COLUMN_SOURCES[c] for c in missing if c in COLUMN_SOURCES})
+        hint = f"; make it with {' or '.join(makers)} or choose another with --metric" \
+            if makers else ""
+        raise fail(table, f"missing column(s) {', '.join(missing)} (has: {have}){hint}")
     if table.num_rows == 0:
         raise fail(table, "the metrics table is empty")
 

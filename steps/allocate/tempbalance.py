@@ -9,10 +9,13 @@ The first and last layers, and layers with fewer than `min_eigs` eigenvalues
 (the pooled count, or min(N, M)), are left out and keep factor 1.0, as in the TB code.
 First and last mean the table's first and last rows: analyse with min_evals=1 so that
 they are the model's (the spectral step skips tiny matrices by default).
+The metric is the papers' hill alpha by default: alpha_hill (k = 2) for the linear rule,
+alpha_hill_k1.5 for TB_Sigmoid.
 """
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from steps.allocate.layers import (
     block_column,
@@ -22,13 +25,23 @@ from steps.allocate.layers import (
     layer_names,
     metric_values,
 )
-from steps.core.balance import TempBalanceOptions, lr_factors
+from steps.core.balance import TempBalanceOptions as RuleOptions
+from steps.core.balance import lr_factors
 
 __all__ = ["TempBalanceOptions", "allocate"]
+
+PAPER_METRIC = {"linear": "alpha_hill", "sigmoid": "alpha_hill_k1.5"}
+
+
+class TempBalanceOptions(RuleOptions):
+    metric: str | None = Field(None, description="metric column; default the paper's hill "
+                               "alpha: alpha_hill (linear), alpha_hill_k1.5 (sigmoid)")
 
 
 def allocate(metrics: pa.Table, options: TempBalanceOptions) -> pa.Table:
     """Per-layer learning-rate factors (multiply the global schedule eta_t by them)."""
+    if options.metric is None:
+        options = options.model_copy(update={"metric": PAPER_METRIC[options.variant]})
     names = layer_names(metrics)
     alpha = metric_values(metrics, options.metric)
     blocks = block_ids(metrics, required=options.blockwise)

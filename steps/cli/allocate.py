@@ -29,9 +29,13 @@ def allocate(
         "(experts).")] = "alphapruning",
     sparsity: Annotated[float | None, typer.Option(help="Global target sparsity.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="AlphaPruning spread.")] = None,
-    metric: Annotated[str | None, typer.Option(help="Metric column [default: alpha].")] = None,
+    metric: Annotated[str | None, typer.Option(
+        help="Metric column [default: the paper's: alpha_peak for alphapruning and alphalora, "
+        "alpha_hill (alpha_hill_k1.5 for -o variant=sigmoid) for tempbalance, outlier_ratio "
+        "for owl]; e.g. alpha_peak_farms after spectral --farms.")] = None,
     mode: Annotated[str | None, typer.Option(
-        help="reference (the paper's code) or the policy's improved default.")] = None,
+        help="alphapruning, owl, alphalora: reference (the paper's code) or the policy's "
+        "improved default.")] = None,
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-o", help="Any other policy option as KEY=VALUE (repeatable), e.g. "
         "-o total=160 -o beta=2.5.")] = None,

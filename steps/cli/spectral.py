@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from steps.cli.app import StoreOption, app, console, input_ref, read_output, run_and_report
+from steps.core.registry import load_step
 from steps.core.store import open_store
 
 
@@ -29,13 +30,23 @@ def spectral(
         help="Regex: skip matching matrices (repeatable).")] = None,
     conv_slices: Annotated[bool, typer.Option(
         help="One row per conv kernel slice instead of the pooled ESD.")] = False,
+    farms: Annotated[bool, typer.Option(
+        help="Also measure FARMS alpha (column alpha_peak_farms) on fixed-aspect-ratio "
+        "windows.")] = False,
+    farms_window: Annotated[int, typer.Option(
+        help="FARMS window rows (capped at the matrix's smaller side).")] = 2000,
+    farms_q: Annotated[float, typer.Option(help="FARMS window columns / rows.")] = 1.0,
+    farms_ops: Annotated[int, typer.Option(
+        help="FARMS window positions per side (at most ops x ops windows).")] = 10,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute.")] = False,
     store: StoreOption = None,
 ) -> None:
     """Measure every weight matrix's eigenvalue spectrum: alpha, norms, rank, warnings."""
     the_store = open_store(store)
     params = {"estimator": estimator, "device": device, "include": include,
-              "exclude": exclude, "conv_slices": conv_slices}
+              "exclude": exclude, "conv_slices": conv_slices, "farms": farms,
+              "farms_window": farms_window, "farms_q": farms_q, "farms_ops": farms_ops}
+    load_step("spectral").validate(params)  # bad options fail before the model is stored
     _, result = run_and_report("spectral", params, {"model": input_ref(the_store, model, "model")},
                                store, use_cache=not no_cache, progress=True)
     print_spectral_summary(read_output(the_store, result.outputs["metrics"].digest, output))

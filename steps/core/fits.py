@@ -13,7 +13,14 @@ counted), alpha = 1 + n / sum_j ln(x_j / xmin). They differ in how xmin is chose
   estimator reproduces that. ``alpha_peak_corrected`` uses lower = 0.95 * peak.
 - ``hill`` (TempBalance ``xmin_mid``): xmin = x[int(n / k)] of the ascending sort.
 
-Eigenvalues <= 1e-5 are dropped before fitting (as the references do).
+Eigenvalues kept, as each reference runs: ``ks`` drops lambda <= 1e-5 (WeightWatcher's
+``thresh``); ``alpha_peak``, ``alpha_peak_corrected`` and ``hill`` keep every eigenvalue
+(AlphaPruning, TempBalance, AlphaLoRA and FARMS run with ``filter_zeros=False``): one
+near-zero eigenvalue of a square matrix stretches the log histogram and moves
+alpha_peak. Only numerical zeros (lambda <= lambda_max * n * eps of float64, the
+eigensolver's noise floor, where the log is meaningless) are left out of those fits;
+the references' SVD gives such eigenvalues arbitrary tiny values, and exact zeros
+make their histogram fail.
 
 The KS search is exact but avoids WeightWatcher's O(n^2) Python loop: alphas for
 all candidates come from one reversed cumulative sum, and D is evaluated exactly
@@ -27,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EVALS_THRESH = 1e-5  # eigenvalues at or below this are treated as zero (WeightWatcher's)
+EVALS_THRESH = 1e-5  # ks: eigenvalues at or below this are treated as zero (WeightWatcher's)
 SMALL_N_CUTOFF = 20  # WeightWatcher 0.7.7 switches to its small-N fit below this many evals
 SMALL_N_MIN_TAIL = 8  # ... and only considers tails of at least this many evals
 ESTIMATORS = ("ks", "alpha_peak", "alpha_peak_corrected", "hill")
@@ -74,7 +81,7 @@ def fit_power_law(
     evals = np.asarray(evals, dtype=np.float64)
     if not np.all(np.isfinite(evals)):
         return failed_fit("non-finite eigenvalues")
-    x = np.sort(evals[evals > EVALS_THRESH])
+    x = np.sort(evals[evals > zero_threshold(evals, estimator)])
     if len(x) < 2:
         return failed_fit("fewer than 2 nonzero eigenvalues")
 
@@ -96,6 +103,15 @@ def fit_power_law(
     # Counted over all eigenvalues, as WeightWatcher does (xmin > threshold anyway).
     spikes = int(np.count_nonzero(evals >= fit.xmin))
     return PowerLawFit(fit.alpha, fit.xmin, fit.D, fit.sigma, spikes, fit.status)
+
+
+def zero_threshold(evals: np.ndarray, estimator: str) -> float:
+    """Eigenvalues at or below this are left out of the fit (see the module docstring)."""
+    if estimator == "ks":
+        return EVALS_THRESH
+    if len(evals) == 0:
+        return 0.0
+    return float(max(evals.max(), 0.0) * len(evals) * np.finfo(np.float64).eps)
 
 
 def tail_alphas(x: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
     from steps.spectral import analyze
     metrics = analyze("path/to/model_dir")                  # pyarrow.Table
     metrics, esd = analyze(model, return_esd=True)          # + eigenvalues per matrix
+    metrics = analyze(model, farms=True)                    # + FARMS alpha (alpha_peak_farms)
 
 See ``analyze`` for the options and METHODS.md section 1 for the definitions.
 """
@@ -26,11 +27,28 @@ from threadpoolctl import threadpool_limits
 from steps.core import devices
 from steps.core.errors import TailwiseError
 from steps.core.esd import Spectrum, compute_spectra_batch
+from steps.core.farms import FarmsOptions, FarmsSpectra, farms_spectra
 from steps.core.fits import ESTIMATORS, PowerLawFit, failed_fit, fit_power_law
 from steps.core.weights import MatrixInfo, open_weights
-from steps.spectral.metrics import SCHEMA, metrics_row, summarize
+from steps.spectral.metrics import (
+    ALPHA_COLUMNS,
+    FARMS_SCHEMA,
+    SCHEMA,
+    alpha_notes,
+    farms_columns,
+    metrics_row,
+    summarize,
+)
 
-__all__ = ["ESD_SCHEMA", "SCHEMA", "SpectralError", "analyze", "resolve_device", "summarize"]
+__all__ = [
+    "ESD_SCHEMA",
+    "SCHEMA",
+    "FarmsOptions",
+    "SpectralError",
+    "analyze",
+    "resolve_device",
+    "summarize",
+]
 
 ESD_SCHEMA = pa.schema(
     [
@@ -59,6 +77,7 @@ class _Options:
     small_n_fit: bool
     conv_slices: bool
     device: str
+    farms: FarmsOptions | None
 
 
 def analyze(
@@ -74,6 +93,7 @@ def analyze(
     max_evals: int | None = 15_000,
     max_n: int | None = 50_000,
     conv_slices: bool = False,
+    farms: bool | FarmsOptions = False,
     workers: int | None = None,
     progress: bool | Progress = False,
     return_esd: bool = False,
@@ -82,8 +102,12 @@ def analyze(
 
     model_or_path: a torch.nn.Module, a .safetensors file, a sharded checkpoint's
         index json, or a Hugging Face model directory (read one matrix at a time).
-    estimator: "ks" (WeightWatcher), "alpha_peak" (AlphaPruning's, with the reference
-        quirk), "alpha_peak_corrected", or "hill" (TempBalance's, xmin at n / hill_k).
+    estimator: the fit in the ``alpha`` (and xmin, D, sigma) columns: "ks" (WeightWatcher),
+        "alpha_peak" (AlphaPruning's, with the reference quirk), "alpha_peak_corrected",
+        or "hill" (TempBalance's, xmin at n / hill_k). Whatever it is, every table also
+        has each consumer's paper's alpha: ``alpha_peak`` (AlphaPruning, AlphaLoRA),
+        ``alpha_hill`` (TempBalance, k = 2) and ``alpha_hill_k1.5`` (TB_Sigmoid); how each
+        was made is in the schema metadata (b"tailwise.alphas", JSON).
     small_n_fit: WeightWatcher 0.7.7's bias-corrected fit for ESDs with < 20 nonzero
         eigenvalues (``ks`` only). Off by default (plain METHODS.md formula).
     device: "auto" (CUDA when available), "cpu" or "cuda[:i]"; on a GPU same-shape
@@ -93,6 +117,10 @@ def analyze(
         (M * kernel size) or a larger side N; None disables the upper limits.
         Defaults are WeightWatcher's skip limits (max_evals 15,000, max_N 50,000).
     conv_slices: one row per conv kernel slice instead of the pooled ESD.
+    farms: True (the reference's LLM settings) or FarmsOptions(window, q, ops): also the
+        FARMS alpha of each matrix (``alpha_peak_farms``) and its window (``farms_rows``,
+        ``farms_cols``, ``farms_windows``, ``farms_capped`` when the window was cut down
+        to fit the matrix). See steps.core.farms.
     workers: matrices analysed in parallel on CPU (default: CPU count, at most 8);
         BLAS runs single-threaded inside each worker.
     progress: True for a progress bar, or a callback(done, total, name).
@@ -110,7 +138,10 @@ def analyze(
         raise SpectralError(
             f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}"
         )
-    options = _Options(estimator, hill_k, small_n_fit, conv_slices, resolve_device(device))
+    farms_options = _farms_options(farms, conv_slices)
+    options = _Options(
+        estimator, hill_k, small_n_fit, conv_slices, resolve_device(device), farms_options
+    )
     source = open_weights(model_or_path)
     infos = source.infos()
     selected, skipped = _select(
@@ -127,11 +158,15 @@ def analyze(
     report = _progress_reporter(progress, len(selected))
     results = _run(source, selected, options, workers, report)
     rows = [row for row, _ in results]
-    metrics = pa.Table.from_pylist(rows, schema=SCHEMA).replace_schema_metadata(
+    schema = pa.unify_schemas([SCHEMA, FARMS_SCHEMA]) if farms_options else SCHEMA
+    recorded = {**options.__dict__, "farms": farms_options and farms_options.__dict__}
+    notes = alpha_notes(estimator, hill_k, small_n_fit, farms_options)
+    metrics = pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
         {
             "tailwise.options": json.dumps(
-                {**options.__dict__, "min_evals": min_evals, "max_evals": max_evals, "max_n": max_n}
+                {**recorded, "min_evals": min_evals, "max_evals": max_evals, "max_n": max_n}
             ),
+            "tailwise.alphas": json.dumps(notes),
             "tailwise.skipped": json.dumps(skipped),
         }
     )
@@ -145,6 +180,17 @@ def analyze(
         schema=ESD_SCHEMA,
     )
     return metrics, esd
+
+
+def _farms_options(farms: bool | FarmsOptions, conv_slices: bool) -> FarmsOptions | None:
+    if farms is False:
+        return None
+    options = FarmsOptions() if farms is True else farms
+    if options.problem():
+        raise SpectralError(options.problem())
+    if conv_slices:
+        raise SpectralError("farms measures whole matrices: it cannot run with conv_slices")
+    return options
 
 
 def resolve_device(device: str) -> str:
@@ -260,11 +306,23 @@ def _batches(selected: list[MatrixInfo], device: str) -> Iterator[list[MatrixInf
         yield batch
 
 
-def _spectra_of(source, batch: list[MatrixInfo], options: _Options) -> list[list[Spectrum]]:
+Measured = tuple[list[Spectrum], FarmsSpectra | None]
+
+
+def _spectra_of(source, batch: list[MatrixInfo], options: _Options) -> list[Measured]:
+    """Per matrix: its spectra and, with FARMS, its windows' spectra."""
     tensors = [source.load(info) for info in batch]
-    return compute_spectra_batch(
+    spectra = compute_spectra_batch(
         tensors, batch[0].layer_type, per_slice=options.conv_slices, device=options.device
     )
+    farms = [_farms_of(t, batch[0].layer_type, options) for t in tensors]
+    return list(zip(spectra, farms, strict=True))
+
+
+def _farms_of(tensor: torch.Tensor, layer_type: str, options: _Options) -> FarmsSpectra | None:
+    if options.farms is None or not torch.isfinite(tensor).all():
+        return None
+    return farms_spectra(tensor, layer_type, options.farms, device=options.device)
 
 
 def _analyse_batch(source, batch: list[MatrixInfo], options: _Options):
@@ -297,13 +355,17 @@ def _load_libc():
 _LIBC = _load_libc()
 
 
-def _fit_batch(batch: list[MatrixInfo], spectra: list[list[Spectrum]], options: _Options):
+def _fit_batch(batch: list[MatrixInfo], measured: list[Measured], options: _Options):
     """Per matrix: its name and its (metrics row, eigenvalues), one per spectrum."""
     out = []
-    for info, matrix_spectra in zip(batch, spectra, strict=True):
+    for info, (matrix_spectra, farms) in zip(batch, measured, strict=True):
         matrix_results = []
         for spectrum in matrix_spectra:
-            fit = _fit(spectrum, options)
+            fit = _fit(spectrum, options.estimator, options.hill_k, options.small_n_fit)
+            alphas = {
+                column: _fit(spectrum, estimator, hill_k, False).alpha
+                for column, (estimator, hill_k) in ALPHA_COLUMNS.items()
+            }
             row = metrics_row(
                 layer_id=info.index,
                 name=info.name,
@@ -311,21 +373,26 @@ def _fit_batch(batch: list[MatrixInfo], spectra: list[list[Spectrum]], options: 
                 num_params=int(np.prod(info.shape)),
                 spectrum=spectrum,
                 fit=fit,
+                alphas=alphas,
             )
+            if options.farms is not None:
+                row.update(farms_columns(farms, _farms_alpha(farms)))
             matrix_results.append((row, spectrum.evals))
         out.append((info.name, matrix_results))
     return out
 
 
-def _fit(spectrum: Spectrum, options: _Options) -> PowerLawFit:
+def _fit(spectrum: Spectrum, estimator: str, hill_k: float, small_n: bool) -> PowerLawFit:
     if spectrum.status != "ok":
         return failed_fit(spectrum.status)
-    return fit_power_law(
-        spectrum.evals,
-        estimator=options.estimator,
-        hill_k=options.hill_k,
-        small_n=options.small_n_fit,
-    )
+    return fit_power_law(spectrum.evals, estimator=estimator, hill_k=hill_k, small_n=small_n)
+
+
+def _farms_alpha(farms: FarmsSpectra | None) -> float:
+    """alpha_peak of the pooled windows; for conv row bands the mean, as the reference."""
+    if farms is None:
+        return float("nan")
+    return float(np.mean([fit_power_law(g, estimator="alpha_peak").alpha for g in farms.groups]))
 
 
 def _collect(future: Future, results: list, report) -> None:

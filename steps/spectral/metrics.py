@@ -1,6 +1,7 @@
 """Per-matrix HT-SR metrics from an ESD and its power-law fit.
 
-Column names follow WeightWatcher where it has them (see METHODS.md section 1).
+Column names follow WeightWatcher where it has them (see METHODS.md section 1). Beside
+``alpha`` (the chosen estimator's), every row has each consumer's paper's alpha.
 """
 
 from __future__ import annotations
@@ -9,12 +10,31 @@ import numpy as np
 import pyarrow as pa
 
 from steps.core.esd import Spectrum
-from steps.core.fits import PowerLawFit
+from steps.core.farms import FarmsOptions, FarmsSpectra
+from steps.core.fits import EVALS_THRESH, PowerLawFit
 from steps.core.naming import block_of
 
 OVER_TRAINED_ALPHA = 2.0
 UNDER_TRAINED_ALPHA = 6.0
 _ENTROPY_EPSILON = 1e-10  # WeightWatcher's smoothing in matrix_entropy
+
+# column -> (estimator, hill_k): the alphas the papers' consumers read (METHODS.md section 1).
+ALPHA_COLUMNS = {
+    "alpha_peak": ("alpha_peak", 2.0),  # AlphaPruning, AlphaLoRA
+    "alpha_hill": ("hill", 2.0),  # TempBalance
+    "alpha_hill_k1.5": ("hill", 1.5),  # TB_Sigmoid
+}
+_KEPT_ALL = "every eigenvalue but numerical zeros (filter_zeros=False)"
+_ESTIMATOR_NOTES = {
+    "ks": f"ks: KS-optimal xmin over all eigenvalues (WeightWatcher); lambda <= {EVALS_THRESH} "
+    "dropped",
+    "alpha_peak": "alpha_peak: KS-optimal xmin <= 1.5 x the log-histogram peak (AlphaPruning "
+    f"lib/esd_utils.py xmin_peak, its lower-bound quirk kept); {_KEPT_ALL}",
+    "alpha_peak_corrected": "alpha_peak_corrected: xmin in [0.95, 1.5] x the log-histogram "
+    f"peak; {_KEPT_ALL}",
+    "hill": "hill: xmin = lambda[int(n / k)] of the ascending sort (TempBalance 'median' / "
+    f"xmin_mid); {_KEPT_ALL}",
+}
 
 SCHEMA = pa.schema(
     [
@@ -45,8 +65,49 @@ SCHEMA = pa.schema(
         ("entropy", pa.float64()),
         ("warning", pa.string()),
         ("status", pa.string()),
+        *[(column, pa.float64()) for column in ALPHA_COLUMNS],
     ]
 )
+FARMS_SCHEMA = pa.schema(
+    [
+        ("alpha_peak_farms", pa.float64()),
+        ("farms_rows", pa.int64()),
+        ("farms_cols", pa.int64()),
+        ("farms_windows", pa.int64()),
+        ("farms_capped", pa.bool_()),
+    ]
+)
+
+
+def alpha_notes(
+    estimator: str, hill_k: float, small_n: bool, farms: FarmsOptions | None
+) -> dict[str, str]:
+    """How each alpha column was made (stored in the table's metadata)."""
+    alpha = _ESTIMATOR_NOTES[estimator]
+    if estimator == "hill":
+        alpha += f"; k = {hill_k}"
+    if small_n and estimator == "ks":
+        alpha += "; WeightWatcher 0.7.7 small-N fit below 20 eigenvalues"
+    notes = {"alpha": alpha + " (the --estimator)"}
+    for column, (name, k) in ALPHA_COLUMNS.items():
+        notes[column] = _ESTIMATOR_NOTES[name] + (f"; k = {k}" if name == "hill" else "")
+    if farms is not None:
+        notes["alpha_peak_farms"] = (
+            f"FARMS (HUST-AI-HYZ/FARMS fixed_sampling + analysis_esd xmin_peak): windows of "
+            f"min({farms.window}, rows, cols) rows x q = {farms.q}, at most {farms.ops} x "
+            f"{farms.ops} positions, ESDs pooled and fitted by alpha_peak ({_KEPT_ALL}); conv: "
+            "one window per kernel slice and row band, mean alpha over bands"
+        )
+    return notes
+
+
+def farms_columns(farms: FarmsSpectra | None, alpha: float) -> dict:
+    """The FARMS columns of a row (nulls when the matrix could not be measured)."""
+    if farms is None:
+        return {"alpha_peak_farms": float("nan"), "farms_rows": None, "farms_cols": None,
+                "farms_windows": None, "farms_capped": None}  # fmt: skip
+    return {"alpha_peak_farms": alpha, "farms_rows": farms.rows, "farms_cols": farms.cols,
+            "farms_windows": farms.windows, "farms_capped": farms.capped}  # fmt: skip
 
 
 def training_warning(alpha: float) -> str:
@@ -87,8 +148,9 @@ def metrics_row(
     num_params: int,
     spectrum: Spectrum,
     fit: PowerLawFit,
+    alphas: dict[str, float],
 ) -> dict:
-    """One row of the metrics table (keys = SCHEMA's names)."""
+    """One row of the metrics table (keys = SCHEMA's names); ``alphas`` by ALPHA_COLUMNS."""
     evals = spectrum.evals
     row = {
         "layer_id": layer_id,
@@ -129,6 +191,7 @@ def metrics_row(
         warning=training_warning(fit.alpha) if fit.status == "ok" else "",
         status=status,
     )
+    row.update(alphas)
     return row
 
 

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from steps.core.farms import DEFAULT_OPS, DEFAULT_Q, DEFAULT_WINDOW, FarmsOptions
 from steps.core.step import Output, Step, StepContext
 from steps.spectral import analyze, summarize
 from steps.spectral.plots import write_plots
@@ -18,8 +19,9 @@ from steps.spectral.report import write_report
 class SpectralParams(BaseModel):
     estimator: Literal["ks", "alpha_peak", "alpha_peak_corrected", "hill"] = Field(
         "ks",
-        description="Power-law fit: ks (WeightWatcher), alpha_peak (AlphaPruning, "
-        "reference quirk), alpha_peak_corrected, hill (TempBalance).",
+        description="Power-law fit of the alpha column: ks (WeightWatcher), alpha_peak "
+        "(AlphaPruning, reference quirk), alpha_peak_corrected, hill (TempBalance). Every "
+        "table also has alpha_peak, alpha_hill and alpha_hill_k1.5.",
     )
     hill_k: float = Field(2.0, gt=1.0, description="hill: xmin at n / k (2: top half).")
     small_n_fit: bool = Field(
@@ -32,12 +34,19 @@ class SpectralParams(BaseModel):
     max_evals: int | None = Field(15_000, ge=1)
     max_n: int | None = Field(50_000, ge=1)
     conv_slices: bool = Field(False, description="One row per conv kernel slice.")
+    farms: bool = Field(False, description="Also FARMS alpha (alpha_peak_farms) per matrix.")
+    farms_window: int = Field(DEFAULT_WINDOW, ge=1, description="FARMS window rows (capped "
+                              "at the matrix's smaller side).")
+    farms_q: float = Field(DEFAULT_Q, gt=0, description="FARMS window columns / rows.")
+    farms_ops: int = Field(DEFAULT_OPS, ge=2, description="FARMS window positions per side.")
     plots: bool = Field(True, description="Draw the alpha-vs-depth and ESD plots.")
 
 
 def spectral(ctx: StepContext, params: SpectralParams, inputs: dict[str, Path]) -> dict:
-    options = params.model_dump(exclude={"plots"})
-    metrics, esd = analyze(inputs["model"], **options, progress=ctx.progress, return_esd=True)
+    options = params.model_dump(exclude={"plots", "farms", "farms_window", "farms_q", "farms_ops"})
+    farms = params.farms and FarmsOptions(params.farms_window, params.farms_q, params.farms_ops)
+    metrics, esd = analyze(inputs["model"], **options, farms=farms, progress=ctx.progress,
+                           return_esd=True)
     digest = ctx.input_digests.get("model", "")
     metrics = metrics.append_column("model_digest", pa.array([digest] * metrics.num_rows))
     outputs = {

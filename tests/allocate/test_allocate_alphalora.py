@@ -24,7 +24,7 @@ def test_llama7b_total_order_and_top_k(llama7b):
 def test_block_alpha_is_block_mean_and_beta_sharpens():
     table = layer_table([1.0, 3.0, 4.0, 4.0, 1.0, 1.0], per_block=2)
     flat = allocate(table, "alphalora", total=12, beta=0.0)
-    assert flat["alpha"].to_pylist() == [2.0, 4.0, 1.0]
+    assert flat["alpha_peak"].to_pylist() == [2.0, 4.0, 1.0]
     assert flat["experts"].to_pylist() == [4, 4, 4]
     sharp = allocate(table, "alphalora", total=12, beta=2.0)
     # quotas 12 * [4, 16, 1] / 21 = [2.29, 9.14, 0.57] -> [2, 9, 1]

@@ -39,6 +39,43 @@ def test_llama7b_reference_range_matches_paper(llama7b, epsilon, low, high):
     assert weighted_mean(decisions) == pytest.approx(0.7, abs=1e-9)
 
 
+def test_reference_rows_are_named_in_the_reference_module_order(llama7b):
+    # METHODS.md's block 0, named as the reference code's modules: gate, down, up.
+    names, alphas = llama7b["name"].to_pylist()[:7], llama7b["alpha_peak"].to_pylist()[:7]
+    block0 = dict(zip(names, alphas, strict=True))
+    published = {"q_proj": 1.329, "k_proj": 1.308, "v_proj": 3.917, "o_proj": 3.840,
+                 "gate_proj": 1.720, "down_proj": 4.472, "up_proj": 1.769}
+    for name, alpha in block0.items():
+        assert alpha == pytest.approx(published[name.rsplit(".", 1)[1]], abs=6e-4)
+
+
+def formula_block_sparsity(table: pa.Table, column: str, target: float, eps: float):
+    """METHODS.md's AlphaPruning formula, computed here from the table: {block: sparsity}."""
+    blocks = table["block"].to_numpy()
+    alpha = table[column].to_numpy()
+    params = (table["N"].to_numpy() * table["M"].to_numpy()).astype(float)
+    block_alpha = {b: alpha[blocks == b].mean() for b in np.unique(blocks)}
+    low, high = min(block_alpha.values()), max(block_alpha.values())
+    ratio = np.array([(block_alpha[b] - low) / (high - low) * 2 * eps + 1 - eps for b in blocks])
+    scale = target * params.sum() / (params @ ratio)
+    return {int(b): float(ratio[blocks == b][0] * scale) for b in np.unique(blocks)}
+
+
+def test_farms_alphas_llama7b_allocation_matches_the_formula(llama7b_farms):
+    # FARMS's configs: eps 0.3 at 70 % sparsity, alphas from 15 x 15 windows of 2000 x 2000.
+    decisions = allocate(llama7b_farms, "alphapruning", sparsity=0.7, epsilon=0.3,
+                         metric="alpha_peak_farms", mode="reference")
+    per_block = block_sparsity(decisions)
+    expected = formula_block_sparsity(llama7b_farms, "alpha_peak_farms", 0.7, 0.3)
+    assert min(per_block, key=per_block.get) == min(expected, key=expected.get)
+    assert max(per_block, key=per_block.get) == max(expected, key=expected.get)
+    assert min(per_block.values()) == pytest.approx(min(expected.values()), rel=1e-12)
+    assert max(per_block.values()) == pytest.approx(max(expected.values()), rel=1e-12)
+    # The window removes the aspect-ratio bias, not the ranking's spread: a wide range still.
+    assert max(expected.values()) - min(expected.values()) > 0.3
+    assert weighted_mean(decisions) == pytest.approx(0.7, abs=1e-9)
+
+
 @pytest.mark.parametrize("mode", ["reference", "clipped"])
 @pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.3, 0.5, 0.9])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7, 0.8])
@@ -163,7 +200,8 @@ def test_blocks_found_from_layer_names(prefix):
 
 
 def test_block_column_overrides_names():
-    table = pa.table({"name": ["a", "b", "c", "d"], "block": [0, 1, 0, 1], "alpha": [1.0, 3, 1, 3]})
+    table = pa.table({"name": ["a", "b", "c", "d"], "block": [0, 1, 0, 1],
+                      "alpha_peak": [1.0, 3, 1, 3]})
     decisions = allocate(table, "alphapruning", sparsity=0.5, epsilon=0.5)
     np.testing.assert_allclose(decisions["sparsity"].to_numpy(), [0.25, 0.75, 0.25, 0.75])
 

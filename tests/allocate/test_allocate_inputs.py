@@ -1,5 +1,7 @@
 """Reading metrics files, the policy registry, bad input and the plot."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,9 +16,11 @@ def test_csv_and_parquet_read_the_same(tmp_path):
     table = layer_table([1.0, 2.0, 3.0], shapes=[(4, 4), (4, 8), (8, 8)])
     pq.write_table(table, tmp_path / "m.parquet")
     (tmp_path / "m.csv").write_text(
-        "name,alpha,N,M\n"
+        "name,alpha_peak,N,M\n"
         + "".join(
-            f"{n},{a},{nn},{m}\n" for n, a, nn, m in zip(*table.to_pydict().values(), strict=True)
+            f"{n},{a},{nn},{m}\n"
+            for n, a, nn, m in zip(*table.select(["name", "alpha_peak", "N", "M"]).to_pydict()
+                                   .values(), strict=True)
         )
     )
     from_parquet = allocate(read_metrics(tmp_path / "m.parquet"), "alphapruning", sparsity=0.5)
@@ -50,17 +54,21 @@ def bad_input(tmp_path, rows: str) -> pa.Table:
 @pytest.mark.parametrize(
     ("rows", "policy", "options", "message"),
     [
-        ("name,alpha_peak\nmodel.layers.0.q,1\n", "alphapruning", {}, r"missing column\(s\) alpha"),
-        ("alpha\n1\n", "alphapruning", {}, r"missing column\(s\) name"),
-        ("name,alpha\n", "alphapruning", {}, "empty"),
-        ("name,alpha\nmodel.layers.0.q,1\nmodel.layers.1.q,\n", "alphapruning", {}, "NaN"),
-        ("name,alpha\nmodel.layers.0.q,1\nmodel.layers.1.q,nan\n", "alphalora", {}, "NaN"),
+        ("name,alpha\nmodel.layers.0.q,1\n", "alphapruning", {},
+         r"missing column\(s\) alpha_peak .*make it with `tailwise spectral MODEL`"),
+        ("name,alpha\nmodel.layers.0.q,1\n", "alphapruning", {"metric": "alpha_peak_farms"},
+         r"missing column\(s\) alpha_peak_farms .*`tailwise spectral MODEL --farms`"),
+        ("name,alpha\nmodel.layers.0.q,1\n", "tempbalance", {}, r"missing column\(s\) alpha_hill "),
+        ("alpha_peak\n1\n", "alphapruning", {}, r"missing column\(s\) name"),
+        ("name,alpha_peak\n", "alphapruning", {}, "empty"),
+        ("name,alpha_peak\nmodel.layers.0.q,1\nmodel.layers.1.q,\n", "alphapruning", {}, "NaN"),
+        ("name,alpha_peak\nmodel.layers.0.q,1\nmodel.layers.1.q,nan\n", "alphalora", {}, "NaN"),
         ("name,alpha\nmodel.layers.0.q,1\nmodel.layers.0.q,2\n", "uniform", {}, "duplicate"),
-        ("name,alpha\nfc1,1\nfc2,2\n", "alphapruning", {}, "cannot find a block index in 2"),
-        ("name,alpha\nmodel.layers.0.q,x\n", "tempbalance", {}, "not numeric"),
+        ("name,alpha_peak\nfc1,1\nfc2,2\n", "alphapruning", {}, "cannot find a block index in 2"),
+        ("name,alpha_hill\nmodel.layers.0.q,x\n", "tempbalance", {}, "not numeric"),
         ("name,outlier_ratio\nmodel.layers.0.q,-1\n", "owl", {}, ">= 0"),
-        ("name,block,alpha\na,0.5,1\n", "alphapruning", {}, "block must hold integers"),
-        ("name,alpha,N,M\nmodel.layers.0.q,1,0,4\n", "alphapruning", {}, "must be positive"),
+        ("name,block,alpha_peak\na,0.5,1\n", "alphapruning", {}, "block must hold integers"),
+        ("name,alpha_peak,N,M\nmodel.layers.0.q,1,0,4\n", "alphapruning", {}, "must be positive"),
     ],
 )
 def test_bad_tables_name_the_input(tmp_path, rows, policy, options, message):
@@ -97,7 +105,7 @@ def test_unknown_policy():
 
 
 def test_tables_without_blocks_still_work_per_layer():
-    table = pa.table({"name": ["conv1", "fc"], "alpha": [2.0, 4.0]})
+    table = pa.table({"name": ["conv1", "fc"], "alpha_hill": [2.0, 4.0]})
     uniform = allocate(table, "uniform", sparsity=0.3)
     assert uniform["block"].to_pylist() == [None, None]
     lr = allocate(table, "tempbalance", exclude_first_last=False)
@@ -125,3 +133,25 @@ def test_plot_is_written(tmp_path, llama7b, policy):
 def test_plot_without_decision_column(tmp_path):
     with pytest.raises(AllocationError, match="none of the columns"):
         plot_decisions(pa.table({"name": ["a"]}), tmp_path / "x.png")
+
+
+@pytest.mark.parametrize(("policy", "options", "column"), [
+    ("alphapruning", {}, "alpha_peak"),
+    ("alphalora", {"total": 8}, "alpha_peak"),
+    ("tempbalance", {}, "alpha_hill"),
+    ("tempbalance", {"variant": "sigmoid"}, "alpha_hill_k1.5"),
+    ("alphapruning", {"metric": "alpha"}, "alpha"),
+])
+def test_each_policy_reads_its_papers_alpha_by_default(policy, options, column):
+    # A spectral table whose alpha columns all differ: the decision must follow `column`.
+    rng = np.random.default_rng(0)
+    names = [f"model.layers.{i // 2}.proj{i % 2}" for i in range(8)]
+    columns = ("alpha", "alpha_peak", "alpha_hill", "alpha_hill_k1.5")
+    table = pa.table({"name": names, **{c: rng.uniform(1.5, 6.0, 8) for c in columns}})
+    decisions = allocate(table, policy, **options)
+    assert column in decisions.column_names
+    recorded = json.loads(decisions.schema.metadata[b"tailwise.options"])
+    assert recorded["metric"] == column
+    expected = allocate(table.select(["name", column]), policy, **options | {"metric": column})
+    decision = POLICIES[policy].decision
+    assert decisions[decision].to_pylist() == expected[decision].to_pylist()

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pyarrow as pa
+from allocate_helpers import PAPER_COLUMNS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,8 @@ PROPERTY = settings(max_examples=60, deadline=None, database=None)
 
 @st.composite
 def block_tables(draw, column: str = "alpha", min_value: float = 0.1):
-    """Random blocks x layers, metric values and matrix shapes."""
+    """Random blocks x layers, metric values and matrix shapes; "alpha" fills every
+    paper's alpha column too (each policy's default)."""
     blocks = draw(st.integers(1, 12))
     per_block = draw(st.integers(1, 4))
     rows = blocks * per_block
@@ -26,7 +28,7 @@ def block_tables(draw, column: str = "alpha", min_value: float = 0.1):
     return pa.table(
         {
             "name": [f"model.layers.{i // per_block}.proj{i % per_block}" for i in range(rows)],
-            column: values,
+            **{c: values for c in (PAPER_COLUMNS if column == "alpha" else (column,))},
             "N": [n for n, _ in shapes],
             "M": [m for _, m in shapes],
         }
@@ -108,7 +110,7 @@ def test_alphalora_total_floor_order_and_top_k(table, extra, beta):
     experts = decisions["experts"].to_numpy()
     assert experts.sum() == total and experts.min() >= 1
     # Order follows alpha^beta (at beta = 0 every block has the same quota).
-    assert_monotone(decisions["alpha"].to_numpy() ** beta, experts)
+    assert_monotone(decisions["alpha_peak"].to_numpy() ** beta, experts)
     assert np.array_equal(decisions["top_k"].to_numpy(), np.where(experts > 1, 2, 1))
 
 

@@ -1,4 +1,5 @@
-"""Reference implementations (straight ports of the published loops) and tiny models."""
+"""WeightWatcher's KS loop (a straight port) and tiny models. The AlphaPruning, TempBalance
+and FARMS ports are in reference_ports.py."""
 
 from __future__ import annotations
 
@@ -8,19 +9,15 @@ import torch
 EVALS_THRESH = 1e-5
 
 
-def reference_ks_fit(evals: np.ndarray, lower=None, upper=None) -> tuple[float, float, float]:
-    """(alpha, xmin, D): WeightWatcher 0.7.7's ``WWFit.fit_power_law_standard`` loop, with
-    AlphaPruning's ``xmin_peak`` restriction (skip xmin < lower, stop at xmin > upper)."""
+def reference_ks_fit(evals: np.ndarray) -> tuple[float, float, float]:
+    """(alpha, xmin, D): WeightWatcher 0.7.7's ``WWFit.fit_power_law_standard`` loop over
+    the eigenvalues above its ``thresh`` (1e-5)."""
     data = np.sort(evals[evals > EVALS_THRESH])
     n_total = len(data)
     log_data = np.log(data)
     alphas = np.zeros(n_total - 1)
     ds = np.ones(n_total - 1)
     for i, xmin in enumerate(data[:-1]):
-        if lower is not None and xmin < lower:
-            continue
-        if upper is not None and xmin > upper:
-            break
         n = float(n_total - i)
         with np.errstate(divide="ignore"):  # a flat tail: alpha = inf, as in the reference
             alpha = 1 + n / (np.sum(log_data[i:]) - n * log_data[i])
@@ -29,28 +26,6 @@ def reference_ks_fit(evals: np.ndarray, lower=None, upper=None) -> tuple[float, 
             ds[i] = np.max(np.abs(1 - (data[i:] / xmin) ** (-alpha + 1) - np.arange(n) / n))
     best = int(np.argmin(ds))
     return float(alphas[best]), float(data[best]), float(ds[best])
-
-
-def reference_peak(evals: np.ndarray) -> float:
-    """AlphaPruning / TempBalance: 10^(left edge of the modal bin of log10 evals)."""
-    nonzero = evals[evals > EVALS_THRESH]
-    counts, edges = np.histogram(np.log10(nonzero), bins=100)
-    return float(10 ** edges[np.argmax(counts)])
-
-
-def reference_alpha_peak(evals: np.ndarray) -> tuple[float, float, float]:
-    """The reference ``xmin_peak`` fit, quirk included: lower = log10(0.95 * peak)."""
-    peak = reference_peak(evals)
-    return reference_ks_fit(evals, lower=np.log10(0.95 * peak), upper=1.5 * peak)
-
-
-def reference_hill(evals: np.ndarray, k: float) -> tuple[float, float]:
-    """TempBalance ``xmin_mid``: (alpha, xmin) with xmin = nz[int(n / k)]."""
-    nz = np.sort(evals[evals > EVALS_THRESH])
-    i = int(len(nz) / k)
-    n = float(len(nz) - i)
-    alpha = 1 + n / (np.sum(np.log(nz[i:])) - n * np.log(nz[i]))
-    return float(alpha), float(nz[i])
 
 
 def mlp(seed: int = 0) -> torch.nn.Module:

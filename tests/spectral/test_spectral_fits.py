@@ -1,15 +1,13 @@
-"""The vectorised fits against straight ports of the reference loops."""
+"""The vectorised fits against ports of the reference loops (WeightWatcher's KS loop,
+AlphaPruning / TempBalance's xmin_peak and xmin_mid, written from their code)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from spectral_helpers import (
-    reference_alpha_peak,
-    reference_hill,
-    reference_ks_fit,
-    reference_peak,
-)
+import torch
+from reference_ports import analysis_esd, xmin_peak_bounds
+from spectral_helpers import reference_ks_fit
 
 from steps.core.fits import fit_power_law, peak_candidates
 
@@ -26,8 +24,13 @@ def _spectra(seed: int) -> list[np.ndarray]:
         rng.lognormal(0.0, 2.0, 1500),
         np.repeat(rng.uniform(1, 5, 40), 3),  # ties
         rng.uniform(0.5, 2.0, 12),
-        np.array([0.0, 1e-7, 2.0, 3.0]),  # near-zero eigenvalues are dropped
+        np.array([0.0, 1e-7, 2.0, 3.0]),  # ks drops near-zero eigenvalues
     ]
+
+
+def reference_peak(evals: np.ndarray) -> float:
+    """The histogram peak of xmin_peak (every eigenvalue kept), from its upper bound."""
+    return xmin_peak_bounds(torch.from_numpy(np.sort(evals)))[1] / 1.5
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -47,10 +50,30 @@ def test_ks_matches_the_weightwatcher_loop(seed):
 def test_alpha_peak_matches_the_reference_loop_quirk_included(seed):
     for evals in _spectra(seed)[:5]:
         fit = fit_power_law(evals, estimator="alpha_peak")
-        alpha, xmin, d = reference_alpha_peak(evals)
-        assert fit.xmin == xmin
-        assert fit.alpha == pytest.approx(alpha, rel=1e-10)
-        assert fit.D == pytest.approx(d, rel=1e-9)
+        assert fit.alpha == pytest.approx(analysis_esd(torch.from_numpy(evals), "xmin_peak"),
+                                          rel=1e-10)
+
+
+def test_alpha_peak_and_hill_keep_near_zero_eigenvalues_ks_drops_them():
+    rng = np.random.default_rng(4)
+    evals = np.concatenate([[3e-7, 2e-6], rng.pareto(2.0, 400) + 1.0])
+    kept = fit_power_law(evals, estimator="alpha_peak")
+    assert kept.alpha == pytest.approx(analysis_esd(torch.from_numpy(evals), "xmin_peak"))
+    hill = fit_power_law(evals, estimator="hill", hill_k=1.5)
+    reference_hill = analysis_esd(torch.from_numpy(evals), "xmin_mid", xmin_pos=1.5)
+    assert hill.alpha == pytest.approx(reference_hill, rel=1e-10)
+    assert hill.xmin == np.sort(evals)[int(len(evals) / 1.5)]
+    assert fit_power_law(evals, estimator="ks").alpha == pytest.approx(
+        reference_ks_fit(evals)[0], rel=1e-10)
+    assert reference_ks_fit(evals)[0] == reference_ks_fit(evals[2:])[0]
+
+
+def test_numerical_zeros_are_left_out_of_alpha_peak():
+    # An exact zero makes the reference's log histogram fail; it is no eigenvalue to fit.
+    evals = np.random.default_rng(5).pareto(2.0, 300) + 1.0
+    with_zero = np.concatenate([[0.0, 1e-18], evals])
+    assert fit_power_law(with_zero, estimator="alpha_peak") == fit_power_law(
+        evals, estimator="alpha_peak")
 
 
 def _cluster_on_top(seed: int = 0) -> np.ndarray:
@@ -104,10 +127,10 @@ def test_peak_candidates_bounds():
 def test_hill_matches_tempbalance(k):
     for evals in _spectra(3)[:4]:
         fit = fit_power_law(evals, estimator="hill", hill_k=k)
-        alpha, xmin = reference_hill(evals, k)
-        assert fit.xmin == xmin
-        assert fit.alpha == pytest.approx(alpha, rel=1e-10)
-        assert fit.num_pl_spikes == np.count_nonzero(evals >= xmin)
+        reference = analysis_esd(torch.from_numpy(evals), "xmin_mid", xmin_pos=k)
+        assert fit.xmin == np.sort(evals)[int(len(evals) / k)]
+        assert fit.alpha == pytest.approx(reference, rel=1e-10)
+        assert fit.num_pl_spikes == np.count_nonzero(evals >= fit.xmin)
 
 
 def test_degenerate_inputs_give_a_status_not_an_exception():
