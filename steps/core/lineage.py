@@ -13,7 +13,7 @@ from typing import Any
 
 from steps.core.store import ArtifactStore, Manifest, ProducedBy
 
-FORMATS = ("text", "json", "dot", "mermaid", "html")
+FORMATS = ("text", "json", "dot", "mermaid", "html", "openlineage")
 
 
 @dataclass
@@ -55,6 +55,17 @@ def upstream(store: ArtifactStore, ref: str) -> Graph:
         if manifest.produced_by:
             queue.extend(store.stat(d) for d in manifest.produced_by.inputs.values()
                          if d not in graph.artifacts)
+    return graph
+
+
+def upstream_of_all(store: ArtifactStore, refs: list[str]) -> Graph:
+    """One graph of everything that went into any of `refs` (e.g. a flow run's outputs)."""
+    graph = Graph(store.resolve(refs[0]), "upstream")
+    for ref in refs:
+        part = upstream(store, ref)
+        graph.artifacts |= part.artifacts
+        graph.steps |= part.steps
+        graph.edges |= part.edges
     return graph
 
 
