@@ -65,12 +65,7 @@ def show(
         raise TailwiseError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     the_store = open_store(store)
     graph = (downstream if downstream_ else upstream)(the_store, ref)
-    if fmt == "openlineage":
-        from steps.core.openlineage import default_namespace, graph_events, to_json_lines
-
-        print(to_json_lines(graph_events(graph, the_store.url, namespace or default_namespace())))
-        return
-    print(render(graph, fmt))
+    print(render(graph, fmt, namespace))
 
 
 @lineage_app.command()
@@ -91,10 +86,8 @@ def check(
     if (ref is None) == (not all_):
         raise TailwiseError("give an artifact REF or --all (not both)")
     the_store = open_store(store)
+    the_store.require_artifacts()
     loaded = lc.targets(the_store, None if all_ else ref, downstream_)
-    if not loaded:
-        raise TailwiseError(f"store {the_store.url} holds no manifests (no artifacts): is "
-                            "--store / TAILWISE_STORE the right one?")
     cache = lc.cache_keys(the_store) if all_ else lc.cache_keys_of(loaded, the_store)
     total = sum(item.manifest.size for item in loaded if item.manifest)
     with ProgressBar(total) as advance:
@@ -107,7 +100,7 @@ def check(
         for finding in findings:
             print(finding.line())
         print(f"checked {len(loaded)} artifacts ({total / 1e6:.1f} MB of content) and "
-              f"{len(cache)} cache entries: " + (f"{len(bad)} problems" if bad else "all ok"))
+              f"{len(cache)} cache entries: " + (f"{len(bad)} problem(s)" if bad else "all ok"))
     if bad:
         raise typer.Exit(1)
 
@@ -212,7 +205,9 @@ def stale(fmt: JsonFormat = "text", store: StoreOption = None) -> None:
     from steps.core.lineage_stale import find_stale
 
     fmt = text_or_json(fmt)
-    found = find_stale(open_store(store))
+    the_store = open_store(store)
+    the_store.require_artifacts()
+    found = find_stale(the_store)
     if fmt == "json":
         print(json.dumps([s.to_json() for s in found], indent=2))
         return

@@ -23,6 +23,7 @@ class Graph:
     artifacts: dict[str, Manifest] = field(default_factory=dict)
     steps: dict[str, ProducedBy] = field(default_factory=dict)
     edges: set[tuple[str, str]] = field(default_factory=set)
+    store_url: str = ""  # the namespace of the artifacts (OpenLineage datasets)
 
     def add_production(self, manifest: Manifest) -> str | None:
         """Add the step run that made `manifest` and its edges; return the step node id."""
@@ -45,7 +46,7 @@ def step_node_id(made: ProducedBy) -> str:
 def upstream(store: ArtifactStore, ref: str) -> Graph:
     """Everything that went into `ref`: producing steps, their params and inputs, to the sources."""
     root = store.stat(ref)
-    graph = Graph(root.digest, "upstream")
+    graph = Graph(root.digest, "upstream", store_url=store.url)
     queue = deque([root])
     while queue:
         manifest = queue.popleft()
@@ -60,7 +61,7 @@ def upstream(store: ArtifactStore, ref: str) -> Graph:
 
 def upstream_of_all(store: ArtifactStore, refs: list[str]) -> Graph:
     """One graph of everything that went into any of `refs` (e.g. a flow run's outputs)."""
-    graph = Graph(store.resolve(refs[0]), "upstream")
+    graph = Graph(store.resolve(refs[0]), "upstream", store_url=store.url)
     for ref in refs:
         part = upstream(store, ref)
         graph.artifacts |= part.artifacts
@@ -77,7 +78,7 @@ def downstream(store: ArtifactStore, ref: str) -> Graph:
         if manifest.produced_by:
             for digest in set(manifest.produced_by.inputs.values()):
                 consumers[digest].append(manifest)
-    graph = Graph(root.digest, "downstream")
+    graph = Graph(root.digest, "downstream", store_url=store.url)
     graph.artifacts[root.digest] = root
     queue = deque([root.digest])
     seen = {root.digest}
@@ -286,7 +287,12 @@ def to_html(graph: Graph) -> str:
             f"</body></html>")
 
 
-def render(graph: Graph, fmt: str) -> str:
+def render(graph: Graph, fmt: str, namespace: str | None = None) -> str:
+    """The graph in one of FORMATS (`namespace`: OpenLineage's job namespace)."""
     if fmt == "json":
         return json.dumps(to_json(graph), indent=2)
+    if fmt == "openlineage":
+        from steps.core.openlineage import default_namespace, graph_events, to_json_lines
+
+        return to_json_lines(graph_events(graph, namespace or default_namespace()))
     return {"text": to_text, "dot": to_dot, "mermaid": to_mermaid, "html": to_html}[fmt](graph)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from steps.core.errors import ArtifactNotFound, StoreError, TailwiseError
+from steps.core.errors import ArtifactNotFound, TailwiseError
 from steps.core.lineage_diff import flat
 from steps.core.store import ArtifactStore, Manifest, manifest_key
 
@@ -84,8 +84,7 @@ class LineageIndex:
         """Bring the index level with the store; the number of manifests now indexed."""
         listed = set(self.store.digests())
         if not listed:
-            raise StoreError(f"store {self.store.url} holds no manifests (no artifacts): is "
-                             "--store / TAILWISE_STORE the right one?")
+            self.store.require_artifacts()
         indexed = {row[0] for row in self.db.execute("SELECT digest FROM artifacts")}
         with self.db:
             gone = [(d,) for d in indexed - listed]

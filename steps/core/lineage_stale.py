@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from steps.core.errors import StoreError, TailwiseError
+from steps.core.errors import TailwiseError
 from steps.core.step import Step, code_revision
 from steps.core.store import ArtifactStore, Manifest
 
@@ -76,9 +76,6 @@ def find_stale(store: ArtifactStore,
                load: Callable[[str], Step | None] = registered_step) -> list[StaleArtifact]:
     """Stale artifacts: made by changed code first, then what was built from them."""
     manifests = store.list()
-    if not manifests:
-        raise StoreError(f"store {store.url} holds no manifests (no artifacts): is "
-                         "--store / TAILWISE_STORE the right one?")
     confirmed = confirmations(store)
     steps: dict[str, tuple[Step | None, str | None]] = {}
     stale: dict[str, StaleArtifact] = {}

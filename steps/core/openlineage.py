@@ -127,7 +127,7 @@ def step_events(made: ProducedBy, inputs: Iterable[Manifest], outputs: Iterable[
                      inputs=read, outputs=wrote, producer=producer())]
 
 
-def graph_events(graph: Graph, store_url: str, namespace: str) -> list[RunEvent]:
+def graph_events(graph: Graph, namespace: str) -> list[RunEvent]:
     """A START/COMPLETE pair for every step run of a lineage graph, oldest run first."""
     events = []
     for step_id, made in sorted(graph.steps.items(),
@@ -135,7 +135,7 @@ def graph_events(graph: Graph, store_url: str, namespace: str) -> list[RunEvent]
         inputs = [graph.artifacts[d] for d in sorted(set(made.inputs.values()))
                   if d in graph.artifacts]
         outputs = [graph.artifacts[b] for a, b in sorted(graph.edges) if a == step_id]
-        events += step_events(made, inputs, outputs, store_url, namespace)
+        events += step_events(made, inputs, outputs, graph.store_url, namespace)
     return events
 
 

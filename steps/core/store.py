@@ -276,6 +276,12 @@ class ArtifactStore:
             if DIGEST_RE.fullmatch(name):
                 yield name
 
+    def require_artifacts(self) -> None:
+        """StoreError unless the store holds at least one manifest (a wrong --store, say)."""
+        if next(self.digests(), None) is None:
+            raise StoreError(f"store {self.url} holds no manifests (no artifacts): is --store / "
+                             "TAILWISE_STORE the right one?")
+
     def list(self, kind: str | None = None) -> list[Manifest]:
         manifests = (self._read_manifest(d) for d in self.digests())
         return [m for m in manifests if m is not None and (kind is None or m.kind == kind)]
