@@ -1,59 +1,13 @@
-"""A small chain of toy steps (text -> shout -> count) on a local or S3 store."""
+"""Stores for the lineage tests: a local directory, or the moto S3 server."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from pydantic import BaseModel, Field
+from lineage_chain import Chain, make_chain
 
-from steps.core.step import Output, Step, StepContext, run_step
 from steps.core.store import ArtifactStore, open_store
-
-
-class ShoutParams(BaseModel):
-    times: int = Field(1, ge=1)
-
-
-def shout(ctx: StepContext, params: ShoutParams, inputs: dict[str, Path]) -> dict:
-    out = ctx.workdir / "loud.txt"
-    out.write_text(inputs["text"].read_text().upper() * params.times)
-    return {"loud": Output(out, "text", "text/plain")}
-
-
-class CountParams(BaseModel):
-    min_length: int = Field(0, ge=0)
-
-
-def count(ctx: StepContext, params: CountParams, inputs: dict[str, Path]) -> dict:
-    words = [w for w in inputs["text"].read_text().split() if len(w) >= params.min_length]
-    out = ctx.workdir / "count.json"
-    out.write_text(f'{{"words": {len(words)}}}')
-    return {"count": Output(out, "table", "application/json")}
-
-
-SHOUT = Step("shout", "1", ShoutParams, ("text",), shout)
-COUNT = Step("count", "1", CountParams, ("text",), count)
-STEPS = {"shout": SHOUT, "count": COUNT}
-
-
-@dataclass
-class Chain:
-    store: ArtifactStore
-    text: str
-    loud: str
-    count: str
-
-
-def make_chain(store: ArtifactStore, root: Path, times: int = 2) -> Chain:
-    source = root / "in.txt"
-    source.write_text("to be or not to be, that is the question\n")
-    text = store.put(source, "text").digest
-    loud = run_step(SHOUT, {"times": times}, {"text": text}, store=store).digests()["loud"]
-    counted = run_step(COUNT, {"min_length": 2}, {"text": loud}, store=store).digests()["count"]
-    return Chain(store, text, loud, counted)
 
 
 @pytest.fixture(params=["local", "s3"])
