@@ -5,8 +5,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from lineage_chain import Chain, make_chain
+from lineage_chain import STEPS, Chain, make_chain
 
+import flows.common
+from steps.core import registry
 from steps.core.store import ArtifactStore, open_store
 
 
@@ -29,3 +31,19 @@ def chain(any_store, tmp_path) -> Chain:
 @pytest.fixture
 def local_chain(tmp_path) -> Chain:
     return make_chain(open_store(str(tmp_path / "store")), tmp_path)
+
+
+@pytest.fixture
+def toy_registry(monkeypatch):
+    """The flow's steps by name: the toy steps (count replaceable, to change its code)."""
+    by_name = dict(STEPS)
+    monkeypatch.setattr(flows.common, "load_step", lambda name: by_name[name])
+    monkeypatch.setattr(registry, "load_step", lambda name: by_name[name])
+    return by_name
+
+
+@pytest.fixture
+def source(tmp_path) -> str:
+    path = tmp_path / "in.txt"
+    path.write_text("to be or not to be, that is the question\n")
+    return str(path)

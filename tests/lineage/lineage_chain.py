@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect import flow
 from pydantic import BaseModel, Field
 
+from flows.common import RunSettings, flow_run_context
 from steps.core.step import Output, Step, StepContext, run_step
 from steps.core.store import ArtifactStore
 
@@ -52,3 +54,13 @@ def make_chain(store: ArtifactStore, root: Path, times: int = 2) -> Chain:
     loud = run_step(SHOUT, {"times": times}, {"text": text}, store=store).digests()["loud"]
     counted = run_step(COUNT, {"min_length": 2}, {"text": loud}, store=store).digests()["count"]
     return Chain(store, text, loud, counted)
+
+
+@flow
+def toy_flow(source: str, settings: RunSettings) -> dict:
+    with flow_run_context("toy", settings, {"source": source}) as run:
+        text = run.source(source, "text")
+        loud = run.step("shout", {"times": 2}, {"text": text}).digests()["loud"]
+        counted = run.step("count", {"min_length": 2}, {"text": loud}).digests()["count"]
+        other = run.step("shout", {"times": 3}, {"text": text}).digests()["loud"]
+        return {"text": text, "loud": loud, "count": counted, "other": other}

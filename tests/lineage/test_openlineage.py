@@ -19,13 +19,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 from cli import tailwise
-from lineage_chain import COUNT, STEPS
-from prefect import flow
+from lineage_chain import COUNT, toy_flow
 from referencing import Registry, Resource
 
-import flows.common
-from flows.common import RunSettings, flow_run_context
-from steps.core import registry
+from flows.common import RunSettings
 from steps.core.lineage import render, upstream
 from steps.core.lineage_stale import find_stale
 from steps.core.store import open_store
@@ -109,32 +106,6 @@ def closed_port_url() -> str:
     port = server.server_port
     server.server_close()
     return f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture
-def toy_registry(monkeypatch):
-    """The flow's steps by name: the toy steps (count replaceable, to change its code)."""
-    by_name = dict(STEPS)
-    monkeypatch.setattr(flows.common, "load_step", lambda name: by_name[name])
-    monkeypatch.setattr(registry, "load_step", lambda name: by_name[name])
-    return by_name
-
-
-@flow
-def toy_flow(source: str, settings: RunSettings) -> dict:
-    with flow_run_context("toy", settings, {"source": source}) as run:
-        text = run.source(source, "text")
-        loud = run.step("shout", {"times": 2}, {"text": text}).digests()["loud"]
-        counted = run.step("count", {"min_length": 2}, {"text": loud}).digests()["count"]
-        other = run.step("shout", {"times": 3}, {"text": text}).digests()["loud"]
-        return {"text": text, "loud": loud, "count": counted, "other": other}
-
-
-@pytest.fixture
-def source(tmp_path) -> str:
-    path = tmp_path / "in.txt"
-    path.write_text("to be or not to be, that is the question\n")
-    return str(path)
 
 
 def test_flow_sends_events_live_and_keeps_them_when_the_endpoint_is_down(
