@@ -47,7 +47,7 @@ from pydantic import BaseModel, Field, model_validator
 from flows.runners import RUNNERS, Dispatch
 from steps.core.errors import ArtifactNotFound, ParamsError
 from steps.core.jobs import retry_policy
-from steps.core.lineage import to_html, upstream_of_all
+from steps.core.lineage import annotate_metrics, to_html, upstream_of_all
 from steps.core.lineage_stale import find_stale
 from steps.core.openlineage import Emitter, default_namespace, step_events
 from steps.core.registry import load_step
@@ -307,5 +307,6 @@ def flow_run_context(name: str, settings: RunSettings,
         yield run
         if run.outputs and parent.run_id is not None:
             page = Path(scratch) / "lineage.html"
-            page.write_text(to_html(upstream_of_all(store, list(dict.fromkeys(run.outputs)))))
+            graph = upstream_of_all(store, list(dict.fromkeys(run.outputs)))
+            page.write_text(to_html(annotate_metrics(store, graph)))
             parent.log_file(page)

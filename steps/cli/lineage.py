@@ -17,7 +17,14 @@ from typer.core import TyperGroup
 
 from steps.cli.app import StoreOption, app, console, key_values
 from steps.core.errors import TailwiseError
-from steps.core.lineage import FORMATS, downstream, params_text, render, upstream
+from steps.core.lineage import (
+    FORMATS,
+    annotate_metrics,
+    downstream,
+    params_text,
+    render,
+    upstream,
+)
 from steps.core.store import digest_from_ref, open_store
 
 # Re-hashing more than this shows a progress bar (on stderr, so stdout stays the report).
@@ -65,6 +72,8 @@ def show(
         raise TailwiseError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     the_store = open_store(store)
     graph = (downstream if downstream_ else upstream)(the_store, ref)
+    if fmt == "html":
+        annotate_metrics(the_store, graph)
     print(render(graph, fmt, namespace))
 
 
