@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,12 +26,14 @@ from steps.core.lineage_diff import flat
 from steps.core.store import ArtifactStore, Manifest, manifest_key
 
 READERS = 16
+STAMP_SETTLE_NS = 2_000_000_000  # file system clocks tick coarsely: trust older stamps only
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
     digest TEXT PRIMARY KEY, kind TEXT, name TEXT, size INTEGER, created_at TEXT,
     step TEXT, step_version TEXT, git_revision TEXT, code_revision TEXT, params TEXT);
 CREATE TABLE IF NOT EXISTS params (digest TEXT, key TEXT, value TEXT, number REAL);
 CREATE TABLE IF NOT EXISTS inputs (digest TEXT, input TEXT);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE INDEX IF NOT EXISTS artifacts_step ON artifacts (step);
 CREATE INDEX IF NOT EXISTS artifacts_created ON artifacts (created_at);
 CREATE INDEX IF NOT EXISTS params_value ON params (key, value);
@@ -84,6 +87,9 @@ class LineageIndex:
 
     def refresh(self) -> int:
         """Bring the index level with the store; the number of manifests now indexed."""
+        stamp = self._listing_stamp()
+        if stamp is not None and stamp == self._meta("listing_stamp"):
+            return self.db.execute("SELECT count(*) FROM artifacts").fetchone()[0]
         listed = set(self.store.digests())
         if not listed:
             self.store.require_artifacts()
@@ -93,7 +99,27 @@ class LineageIndex:
             for table in ("artifacts", "params", "inputs"):
                 self.db.executemany(f"DELETE FROM {table} WHERE digest = ?", gone)
             self._add(self._read(sorted(listed - indexed)))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('listing_stamp', ?)", (stamp,))
         return len(listed)
+
+    def _listing_stamp(self) -> str | None:
+        """When a local store's manifests/ folder last changed (an entry added or removed):
+        while it stays the same, the listing would too. None for S3 (always listed), and
+        for a change too recent to rule out another in the same clock tick."""
+        root = getattr(self.store.backend, "root", None)
+        if root is None:
+            return None
+        try:
+            changed = (root / "manifests").stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        if time.time_ns() - changed < STAMP_SETTLE_NS:
+            return None
+        return str(changed)
+
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
 
     def _read(self, digests: list[str]) -> Iterator[Manifest]:
         # On S3 each manifest is a request: reads overlap on threads. A local disk gains

@@ -35,6 +35,7 @@ from openlineage.client.facet_v2 import (
 )
 from openlineage.client.serde import Serde
 
+from steps.core.errors import TailwiseError
 from steps.core.lineage import Graph
 from steps.core.store import Manifest, ProducedBy
 
@@ -216,11 +217,18 @@ def resend(path: Path, client: Any) -> tuple[int, int]:
     if not path.is_file():
         return 0, 0
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    events = []
+    for number, line in enumerate(lines, 1):
+        try:
+            events.append(json.loads(line))
+        except ValueError as exc:
+            raise TailwiseError(f"{path} line {number} is not an event (not JSON): fix or "
+                                "remove it, then resend") from exc
     sent = 0
-    for line in lines:
+    for event in events:
         try:
             # Kept events are plain JSON: the transport serialises dicts as it does events.
-            client.transport.emit(json.loads(line))
+            client.transport.emit(event)
         except Exception as exc:
             log.warning("OpenLineage endpoint failed (%s); %d events left in %s",
                         _first_line(exc), len(lines) - sent, path)

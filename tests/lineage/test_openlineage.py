@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import sys
 import threading
 import uuid
@@ -178,3 +179,17 @@ def test_recompute_stale_recomputes_exactly_the_stale(tmp_path, source, toy_regi
         assert find_stale(store, toy_registry.get) == []
     finally:
         del sys.modules["count_changed"]
+
+
+def test_resend_refuses_a_damaged_file_and_needs_an_endpoint(tmp_path, capsys, monkeypatch):
+    unsent = tmp_path / "unsent.jsonl"
+    unsent.write_text('{"eventType": "START"}\nnot json\n')
+    for key in [k for k in os.environ if k.startswith("OPENLINEAGE")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no openlineage.yml here
+    code, _, err = tailwise(capsys, monkeypatch, "lineage", "resend", "--file", str(unsent))
+    assert code == 2 and "no OpenLineage endpoint is configured" in err
+    monkeypatch.setenv("OPENLINEAGE_URL", closed_port_url())
+    code, _, err = tailwise(capsys, monkeypatch, "lineage", "resend", "--file", str(unsent))
+    assert code == 2 and f"{unsent} line 2 is not an event" in err
+    assert len(unsent.read_text().splitlines()) == 2  # nothing dropped
