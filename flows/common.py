@@ -297,6 +297,8 @@ def flow_run_context(name: str, settings: RunSettings,
     store = open_store(settings.store)
     tracker = open_tracker(settings.tracking_uri, settings.tracking)
     run_id = flow_run.get_id()
+    # Judging staleness loads each step named in the store's manifests (their code, torch
+    # included), so only when asked.
     stale = frozenset(s.digest for s in find_stale(store)) if settings.recompute_stale \
         else frozenset()
     with tracker.flow_run(name, params, run_id) as parent, \

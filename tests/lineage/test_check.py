@@ -117,6 +117,13 @@ def test_cli_exit_codes_and_one_line_errors(local_chain, tmp_path, capsys, monke
         code, _, err = lineage(*args)
         assert code == 2 and err.startswith("error: ") and message in err, (args, err)
         assert len(err.strip().splitlines()) == 1
+    local_chain.store.backend.put_bytes(manifest_key(local_chain.loud), b"\x00not json")
+    monkeypatch.setenv("TAILWISE_CACHE_DIR", str(tmp_path / "cache"))
+    for args in (("show", local_chain.count), ("find", "--step", "shout"),
+                 ("diff", local_chain.count, local_chain.count)):
+        code, _, err = lineage(*args, *where)
+        assert code == 2 and f"manifest of {local_chain.loud[:12]}" in err, (args, err)
+        assert "is corrupt: Invalid JSON" in err and len(err.strip().splitlines()) == 1
 
 
 def test_help_lists_every_subcommand_and_lineage_ref_still_shows(local_chain, capsys,
