@@ -48,6 +48,9 @@ from flows.runners import RUNNERS, Dispatch
 from steps.core.errors import ArtifactNotFound, ParamsError
 from steps.core.hub import is_hub_id, store_hub_model
 from steps.core.jobs import retry_policy
+from steps.core.lineage import annotate_metrics, to_html, upstream_of_all
+from steps.core.lineage_stale import find_stale
+from steps.core.openlineage import Emitter, default_namespace, step_events
 from steps.core.registry import load_step
 from steps.core.step import StepResult, cached_result
 from steps.core.store import ArtifactStore, open_store
@@ -79,6 +82,13 @@ class RunSettings(BaseModel):
     dask_address: str | None = Field(None, description="Scheduler of a running Dask cluster, "
                                      "e.g. tcp://10.0.0.5:8786 (dask only; None: start a "
                                      "local cluster for the run).")
+    recompute_stale: bool = Field(False, description="Recompute the cached steps whose outputs "
+                                  "are stale (`tailwise lineage stale`: made by another version "
+                                  "or code of their step, or built from such outputs).")
+    openlineage_namespace: str | None = Field(None, description="OpenLineage job namespace of "
+                                              "the events sent when OPENLINEAGE_URL (or the "
+                                              "client's config) is set (default "
+                                              "$OPENLINEAGE_NAMESPACE or tailwise).")
 
     @model_validator(mode="after")
     def _address_needs_dask(self) -> RunSettings:
@@ -92,6 +102,19 @@ class StepFuture(Protocol):
     """What `FlowRun.submit` returns: a Prefect future, or a step already run."""
 
     def result(self) -> StepResult: ...
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A step's future that notes the step's outputs in the flow run when it is read."""
+
+    future: Any
+    outputs: list[str]
+
+    def result(self) -> StepResult:
+        result = self.future.result()
+        self.outputs.extend(result.digests().values())
+        return result
 
 
 @dataclass(frozen=True)
@@ -118,11 +141,19 @@ class FlowRun:
     # Closes the task runner of `submit` with the flow's context; never leaves this process.
     resources: ExitStack = field(default_factory=ExitStack, repr=False, compare=False)
     task_runner: Any = field(default=None, repr=False, compare=False)
+    # Outputs found stale when the run started (settings.recompute_stale), to recompute.
+    stale: frozenset[str] = frozenset()
+    # Sends OpenLineage events when the client is configured; per process, never pickled.
+    lineage: Emitter | None = field(default=None, repr=False, compare=False)
+    # What the flow's steps returned, for the lineage page of the parent MLflow run.
+    outputs: list[str] = field(default_factory=list, repr=False, compare=False)
 
     def step(self, name: str, params: Mapping[str, Any] | None = None,
              inputs: Mapping[str, str] | None = None, label: str | None = None) -> StepResult:
         """Run step `name` as a Prefect task (or reuse its cached outputs)."""
-        return step_options(name, label)(self, name, dict(params or {}), dict(inputs or {}))
+        result = step_options(name, label)(self, name, dict(params or {}), dict(inputs or {}))
+        self.outputs.extend(result.digests().values())
+        return result
 
     def submit(self, name: str, params: Mapping[str, Any] | None = None,
                inputs: Mapping[str, str] | None = None, label: str | None = None) -> StepFuture:
@@ -131,7 +162,8 @@ class FlowRun:
             return Ran(self.step(name, params, inputs, label))
         parameters = {"run": self, "name": name, "params": dict(params or {}),
                       "inputs": dict(inputs or {})}
-        return self.runner().submit(step_options(name, label), parameters)
+        return Recorded(self.runner().submit(step_options(name, label), parameters),
+                        self.outputs)
 
     def runner(self) -> Any:
         """The executor's Prefect task runner, started on first use, closed with the flow."""
@@ -156,7 +188,8 @@ class FlowRun:
         # What a Dask worker gets: clients (boto3, MLflow) and the task runner stay here;
         # the worker reopens the store and the tracker from their URLs.
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("store", "tracker", "resources", "task_runner")}
+                 if k not in ("store", "tracker", "resources", "task_runner", "lineage",
+                              "outputs")}
         return state | {"store_url": self.store.url, "tracking_uri": self.tracker.tracking_uri}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -166,6 +199,7 @@ class FlowRun:
         self.store = open_store(store_url)
         self.tracker = open_tracker(tracking_uri, tracking_uri is not None)
         self.resources, self.task_runner = ExitStack(), None
+        self.lineage, self.outputs = Emitter.from_environment(), []
 
 
 def step_options(name: str, label: str | None) -> Any:
@@ -219,9 +253,14 @@ def step_task(run: FlowRun, name: str, params: dict, inputs: dict) -> StepResult
     digests = {key: run.store.resolve(ref) for key, ref in inputs.items()}
     use_cache = run.settings.use_cache and name not in run.settings.no_cache
     result = use_cache and cached_result(run.store, step, valid, digests)
+    if result and run.stale & set(result.digests().values()):
+        get_run_logger().info("step %s: cached outputs are stale, recomputing", name)
+        result = None
     if not result:
         result = RUNNERS[run.settings.runner](run.dispatch(), step, valid, digests)
         announce_assets(name, result, digests, run.store)
+        if run.lineage is not None:
+            emit_lineage(run, result, digests)
     report(name, result, run.store)
     return result
 
@@ -233,6 +272,15 @@ def announce_assets(name: str, result: StepResult, inputs: dict[str, str],
     deps = [store.uri(digest) for digest in inputs.values()]
     materialize(*outputs, asset_deps=deps, by="tailwise", name=f"{name}-assets",
                 cache_policy=NO_CACHE)(lambda: None)()
+
+
+def emit_lineage(run: FlowRun, result: StepResult, inputs: dict[str, str]) -> None:
+    """OpenLineage START/COMPLETE of a step that ran (an endpoint down never fails the flow)."""
+    made = next(iter(result.outputs.values())).produced_by
+    namespace = run.settings.openlineage_namespace or default_namespace()
+    read = [run.store.stat(digest) for digest in sorted(set(inputs.values()))]
+    run.lineage.emit(step_events(made, read, list(result.outputs.values()), run.store.url,
+                                 namespace))
 
 
 def report(name: str, result: StepResult, store: ArtifactStore) -> None:
@@ -256,8 +304,18 @@ def flow_run_context(name: str, settings: RunSettings,
     store = open_store(settings.store)
     tracker = open_tracker(settings.tracking_uri, settings.tracking)
     run_id = flow_run.get_id()
+    # Judging staleness loads each step named in the store's manifests (their code, torch
+    # included), so only when asked.
+    stale = frozenset(s.digest for s in find_stale(store)) if settings.recompute_stale \
+        else frozenset()
     with tracker.flow_run(name, params, run_id) as parent, \
             tempfile.TemporaryDirectory(prefix=f"tailwise-{name}-") as scratch, \
             ExitStack() as resources:
-        yield FlowRun(name, store, tracker, parent.run_id, run_id, settings, Path(scratch),
-                      resources)
+        run = FlowRun(name, store, tracker, parent.run_id, run_id, settings, Path(scratch),
+                      resources, stale=stale, lineage=Emitter.from_environment())
+        yield run
+        if run.outputs and parent.run_id is not None:
+            page = Path(scratch) / "lineage.html"
+            graph = upstream_of_all(store, list(dict.fromkeys(run.outputs)))
+            page.write_text(to_html(annotate_metrics(store, graph)))
+            parent.log_file(page)

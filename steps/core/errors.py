@@ -9,6 +9,10 @@ class StoreError(TailwiseError):
     """The artifact store cannot be used (unreachable, missing bucket, bad credentials, bad key)."""
 
 
+class ObjectMissing(StoreError):
+    """A stored object (a file's bytes) is not where its manifest says."""
+
+
 class ArtifactNotFound(TailwiseError):
     """No artifact (no manifest) matches the reference."""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from steps.core.store import ArtifactStore, Manifest, ProducedBy
 
-FORMATS = ("text", "json", "dot", "mermaid", "html")
+FORMATS = ("text", "json", "dot", "mermaid", "html", "openlineage")
 
 
 @dataclass
@@ -23,6 +23,8 @@ class Graph:
     artifacts: dict[str, Manifest] = field(default_factory=dict)
     steps: dict[str, ProducedBy] = field(default_factory=dict)
     edges: set[tuple[str, str]] = field(default_factory=set)
+    store_url: str = ""  # the namespace of the artifacts (OpenLineage datasets)
+    notes: dict[str, str] = field(default_factory=dict)  # e.g. an evaluation's perplexity
 
     def add_production(self, manifest: Manifest) -> str | None:
         """Add the step run that made `manifest` and its edges; return the step node id."""
@@ -45,7 +47,7 @@ def step_node_id(made: ProducedBy) -> str:
 def upstream(store: ArtifactStore, ref: str) -> Graph:
     """Everything that went into `ref`: producing steps, their params and inputs, to the sources."""
     root = store.stat(ref)
-    graph = Graph(root.digest, "upstream")
+    graph = Graph(root.digest, "upstream", store_url=store.url)
     queue = deque([root])
     while queue:
         manifest = queue.popleft()
@@ -58,6 +60,17 @@ def upstream(store: ArtifactStore, ref: str) -> Graph:
     return graph
 
 
+def upstream_of_all(store: ArtifactStore, refs: list[str]) -> Graph:
+    """One graph of everything that went into any of `refs` (e.g. a flow run's outputs)."""
+    graph = Graph(store.resolve(refs[0]), "upstream", store_url=store.url)
+    for ref in refs:
+        part = upstream(store, ref)
+        graph.artifacts |= part.artifacts
+        graph.steps |= part.steps
+        graph.edges |= part.edges
+    return graph
+
+
 def downstream(store: ArtifactStore, ref: str) -> Graph:
     """Everything built from `ref`, directly or through other artifacts."""
     root = store.stat(ref)
@@ -66,7 +79,7 @@ def downstream(store: ArtifactStore, ref: str) -> Graph:
         if manifest.produced_by:
             for digest in set(manifest.produced_by.inputs.values()):
                 consumers[digest].append(manifest)
-    graph = Graph(root.digest, "downstream")
+    graph = Graph(root.digest, "downstream", store_url=store.url)
     graph.artifacts[root.digest] = root
     queue = deque([root.digest])
     seen = {root.digest}
@@ -210,58 +223,23 @@ def _mermaid(text: str) -> str:
     return text.replace('"', "#quot;")
 
 
-def columns(graph: Graph) -> list[list[str]]:
-    """Nodes by depth: sources in column 0, each node one right of its deepest input."""
-    incoming: dict[str, list[str]] = defaultdict(list)
-    for a, b in graph.edges:
-        incoming[b].append(a)
-    depth: dict[str, int] = {}
-
-    def depth_of(node: str) -> int:
-        if node not in depth:
-            depth[node] = 1 + max((depth_of(a) for a in incoming[node]), default=-1)
-        return depth[node]
-
-    nodes = sorted(graph.artifacts) + sorted(graph.steps)
-    layout: list[list[str]] = [[] for _ in range(1 + max(map(depth_of, nodes)))]
-    for node in nodes:
-        layout[depth[node]].append(node)
-    return layout
-
-
 def to_html(graph: Graph) -> str:
-    """A self-contained page (inline SVG, no scripts) that draws the graph."""
+    """A self-contained page (inline SVG and CSS, no scripts): the graph, then a step table."""
     from html import escape
 
-    width, height, gap_x, gap_y = 230, 64, 70, 26
-    layout = columns(graph)
-    where = {node: (20 + c * (width + gap_x), 20 + r * (height + gap_y))
-             for c, column in enumerate(layout) for r, node in enumerate(column)}
-    svg_w = 40 + len(layout) * (width + gap_x)
-    svg_h = 40 + max(len(c) for c in layout) * (height + gap_y)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{svg_w}" height="{svg_h}">',
-             '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" '
-             'markerWidth="8" markerHeight="8" orient="auto"><path d="M0,0L10,5L0,10z" '
-             'fill="#555"/></marker></defs>']
-    for a, b in sorted(graph.edges):
-        (x1, y1), (x2, y2) = where[a], where[b]
-        parts.append(f'<line x1="{x1 + width}" y1="{y1 + height / 2}" x2="{x2}" '
-                     f'y2="{y2 + height / 2}" stroke="#555" marker-end="url(#arrow)"/>')
-    for node, (x, y) in where.items():
-        if node in graph.steps:
-            made = graph.steps[node]
-            title, detail, fill = f"{made.step} v{made.step_version}", \
-                params_text(made.params), "#dde8f7"
-        else:
-            title, detail = short(node), artifact_label(graph.artifacts[node])
-            fill = "#fde9c8" if node == graph.root else "#f4f4f4"
-        parts.append(f'<g class="node" id="{escape(node)}"><title>{escape(node)}</title>'
-                     f'<rect x="{x}" y="{y}" width="{width}" height="{height}" rx="8" '
-                     f'fill="{fill}" stroke="#888"/>'
-                     f'<text x="{x + 10}" y="{y + 24}" font-weight="bold">{escape(title)}</text>'
-                     f'<text x="{x + 10}" y="{y + 46}" font-size="11">'
-                     f'{escape(detail[:36])}</text></g>')
-    parts.append("</svg>")
+    from steps.core.lineage_html import STYLE, Box, svg
+
+    boxes = {step_id: Box(f"{made.step} v{made.step_version}", params_text(made.params) or "-",
+                          None, "#dde8f7", (f"step {made.step} v{made.step_version}",
+                                            *[f"{k}={json.dumps(v)}"
+                                              for k, v in sorted(made.params.items())]))
+             for step_id, made in graph.steps.items()}
+    for digest, m in graph.artifacts.items():
+        note = graph.notes.get(digest)
+        detail = f"{m.name or ''} ({human_size(m.size)})"
+        boxes[digest] = Box(f"{short(digest)} {m.kind}", detail, note,
+                            "#fde9c8" if digest == graph.root else "#f4f4f4",
+                            (digest, f"{m.kind}: {detail}", *([note] if note else [])))
     rows = "".join(
         f"<tr><td>{escape(m.step)} v{escape(m.step_version)}</td>"
         f"<td><code>{escape(params_text(m.params))}</code></td>"
@@ -272,14 +250,40 @@ def to_html(graph: Graph) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>lineage of "
             f"{short(graph.root)}</title><style>body{{font-family:sans-serif;margin:20px}}"
             f"td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}"
-            f"table{{border-collapse:collapse}}</style></head><body>"
-            f"<h1>{graph.direction} lineage of {short(graph.root)}</h1>{''.join(parts)}"
+            f"table{{border-collapse:collapse}}{STYLE}</style></head><body>"
+            f"<h1>{graph.direction} lineage of {short(graph.root)}</h1>{svg(graph, boxes)}"
             f"<h2>Steps</h2><table><tr><th>step</th><th>params</th><th>inputs</th>"
             f"<th>flow run</th><th>MLflow run</th><th>git</th></tr>{rows}</table>"
             f"</body></html>")
 
 
-def render(graph: Graph, fmt: str) -> str:
+KEY_METRICS = ("perplexity", "accuracy")
+
+
+def annotate_metrics(store: ArtifactStore, graph: Graph) -> Graph:
+    """Note each evaluation's key metric (perplexity or accuracy) for its box."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    for digest, m in graph.artifacts.items():
+        if m.kind != "evaluation" or m.is_dir:
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            row = pq.read_table(store.get(digest, f"{scratch}/evaluation.parquet")).to_pylist()
+        values = [(name, row[0].get(name)) for name in KEY_METRICS if row]
+        found = [(name, value) for name, value in values if isinstance(value, int | float)]
+        if found:
+            graph.notes[digest] = f"{found[0][0]} {found[0][1]:.4g}"
+    return graph
+
+
+def render(graph: Graph, fmt: str, namespace: str | None = None) -> str:
+    """The graph in one of FORMATS (`namespace`: OpenLineage's job namespace)."""
     if fmt == "json":
         return json.dumps(to_json(graph), indent=2)
+    if fmt == "openlineage":
+        from steps.core.openlineage import default_namespace, graph_events, to_json_lines
+
+        return to_json_lines(graph_events(graph, namespace or default_namespace()))
     return {"text": to_text, "dot": to_dot, "mermaid": to_mermaid, "html": to_html}[fmt](graph)

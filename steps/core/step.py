@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -137,6 +138,42 @@ def git_revision() -> str | None:
         return None
 
 
+def code_revision(step: Step) -> str | None:
+    """The git tree id of the step's folder (steps/<name>/), or the blob id of its module
+    when the step is a lone file; computed from the files, so a container without .git
+    records the same id as `git rev-parse HEAD:steps/<name>` on a clean checkout."""
+    module_file = getattr(sys.modules.get(step.fn.__module__), "__file__", None)
+    if module_file is None:
+        return None
+    path = Path(module_file).resolve()
+    if (path.parent / "__init__.py").is_file() and (path.parent.parent / "__init__.py").is_file():
+        return _git_tree_id(path.parent).hex()
+    return _git_object_id(b"blob", path.read_bytes()).hex()
+
+
+def _git_object_id(kind: bytes, body: bytes) -> bytes:
+    return hashlib.sha1(kind + b" %d\0" % len(body) + body, usedforsecurity=False).digest()
+
+
+def _git_tree_id(folder: Path) -> bytes:
+    """Git's tree hash of a folder: entries sorted as git sorts them (a folder as `name/`);
+    caches (__pycache__, *.pyc) and empty folders are not part of it, as git tracks neither."""
+    entries = []
+    for child in folder.iterdir():
+        if child.name == "__pycache__" or child.suffix == ".pyc" or child.is_symlink():
+            continue
+        if child.is_dir():
+            if any(p.is_file() and p.suffix != ".pyc" for p in child.rglob("*")):
+                entries.append((child.name + "/", b"40000", child.name, _git_tree_id(child)))
+        elif child.is_file():
+            mode = b"100755" if os.access(child, os.X_OK) else b"100644"
+            entries.append((child.name, mode, child.name,
+                            _git_object_id(b"blob", child.read_bytes())))
+    body = b"".join(mode + b" " + name.encode() + b"\0" + oid
+                    for _, mode, name, oid in sorted(entries))
+    return _git_object_id(b"tree", body)
+
+
 def run_step(step: Step, params: BaseModel | Mapping[str, Any] | None,
              inputs: Mapping[str, str], *, store: ArtifactStore,
              tracker: Tracker | None = None, parent_run_id: str | None = None,
@@ -168,13 +205,16 @@ def run_step(step: Step, params: BaseModel | Mapping[str, Any] | None,
             step=step.name, step_version=step.version, params=params.model_dump(mode="json"),
             inputs=input_digests, cache_key=key, flow_run_id=flow_run_id,
             mlflow_run_id=run.run_id, git_revision=git_revision(),
+            code_revision=code_revision(step),
             container_image=os.environ.get("TAILWISE_CONTAINER_IMAGE"),
             started_at=started, ended_at=now())
         outputs = {name: store.put(out.path, out.kind, media_type=out.media_type,
                                    produced_by=produced_by)
                    for name, out in written.items()}
-        run.record_artifacts(input_digests, {n: m.digest for n, m in outputs.items()}, key)
+        run.record_artifacts({n: store.stat(d) for n, d in input_digests.items()}, outputs, key,
+                             store.uri)
     store.cache_put(key, {"step": step.name, "version": step.version,
+                          "code_revision": produced_by.code_revision,
                           "outputs": {n: m.digest for n, m in outputs.items()},
                           "flow_run_id": flow_run_id, "mlflow_run_id": run.run_id,
                           "created_at": now()})

@@ -19,7 +19,7 @@ import json
 import mimetypes
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ class ProducedBy(BaseModel):
     flow_run_id: str | None = None
     mlflow_run_id: str | None = None
     git_revision: str | None = None
+    # Git tree id of the step's own folder (steps/<name>): changes exactly when its code does.
+    code_revision: str | None = None
     container_image: str | None = None
     started_at: str | None = None
     ended_at: str | None = None
@@ -69,12 +71,23 @@ class Manifest(BaseModel):
     produced_by: ProducedBy | None = None
     # Where a source artifact came from, e.g. a Hub repo, its commit and blob ids (hub.py).
     source: dict[str, Any] | None = None
+    # SHA-256 of the manifest's other fields: an edited manifest no longer matches it.
+    checksum: str | None = None
 
     model_config = {"populate_by_name": True}
 
     @property
     def is_dir(self) -> bool:
         return self.files is not None
+
+    def computed_checksum(self) -> str:
+        """What `checksum` must be: the SHA-256 of every other field, as canonical JSON."""
+        fields = self.model_dump(mode="json", by_alias=True, exclude={"checksum"})
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        return f"sha256:{hashlib.sha256(canonical.encode()).hexdigest()}"
+
+    def sealed(self) -> Manifest:
+        return self.model_copy(update={"checksum": self.computed_checksum()})
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True, indent=2).encode()
@@ -182,7 +195,7 @@ class ArtifactStore:
                 self.backend.put_file(object_key(object_digest), file_path)
         manifest = Manifest(digest=digest, kind=kind, media_type=media_type, size=size,
                             created_at=now(), name=path.name, files=files,
-                            produced_by=produced_by, source=source)
+                            produced_by=produced_by, source=source).sealed()
         # Two writers of one digest race here: the first manifest stays, and both get it.
         self.backend.put_bytes_if_absent(manifest_key(digest), manifest.to_json())
         return self._read_manifest(digest) or manifest
@@ -216,17 +229,20 @@ class ArtifactStore:
     def _read_manifest(self, digest: str) -> Manifest | None:
         if not self.backend.exists(manifest_key(digest)):
             return None
-        raw = self.backend.get_bytes(manifest_key(digest))
-        try:
-            manifest = Manifest.model_validate_json(raw)
-        except ValidationError as exc:
-            raise StoreError(f"manifest of {digest[:12]} in {self.url} is corrupt: "
-                             f"{_first_line(exc.errors()[0]['msg'])}") from exc
+        manifest = self.parse_manifest(digest, self.backend.get_bytes(manifest_key(digest)))
         # A manifest filed under one digest that names another would hand out other bytes.
         if manifest.digest != digest:
             raise StoreError(f"manifest of {digest[:12]} in {self.url} is corrupt: it describes "
                              f"artifact {_first_line(manifest.digest)[:12]!r}")
         return manifest
+
+    def parse_manifest(self, digest: str, raw: bytes) -> Manifest:
+        """The manifest filed under `digest`, from its bytes; StoreError when it is not one."""
+        try:
+            return Manifest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise StoreError(f"manifest of {digest[:12]} in {self.url} is corrupt: "
+                             f"{_first_line(exc.errors()[0]['msg'])}") from exc
 
     def _read_json(self, key: str) -> Any:
         """A small JSON document of the store (ref, cache entry); StoreError when unreadable."""
@@ -269,6 +285,12 @@ class ArtifactStore:
             if DIGEST_RE.fullmatch(name):
                 yield name
 
+    def require_artifacts(self) -> None:
+        """StoreError unless the store holds at least one manifest (a wrong --store, say)."""
+        if next(self.digests(), None) is None:
+            raise StoreError(f"store {self.url} holds no manifests (no artifacts): is --store / "
+                             "TAILWISE_STORE the right one?")
+
     def list(self, kind: str | None = None) -> list[Manifest]:
         manifests = (self._read_manifest(d) for d in self.digests())
         return [m for m in manifests if m is not None and (kind is None or m.kind == kind)]
@@ -286,6 +308,15 @@ class ArtifactStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._fetch_object(entry.sha256, target)
         return dest
+
+    def object_sha256(self, digest: str, on_bytes: Callable[[int], None] | None = None) -> str:
+        """Re-hash a stored object from its bytes, streamed (ObjectMissing if it is gone)."""
+        hasher = hashlib.sha256()
+        for chunk in self.backend.iter_chunks(object_key(digest)):
+            hasher.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+        return hasher.hexdigest()
 
     def _fetch_object(self, digest: str, dest: Path) -> None:
         actual = self.backend.get_file(object_key(digest), dest)

@@ -11,12 +11,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from steps.core.errors import TrackingError
+from steps.core.store import Manifest
 
 EXPERIMENT = "tailwise"
 MAX_PARAM_LENGTH = 6000
@@ -66,13 +67,37 @@ class StepRun:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, value)
 
-    def record_artifacts(self, inputs: Mapping[str, str], outputs: Mapping[str, str],
-                         cache_key: str) -> None:
-        """Tags that point at the store: open-source MLflow cannot log models as run inputs."""
-        tags = {f"tailwise.input.{k}": v for k, v in inputs.items()}
-        tags |= {f"tailwise.output.{k}": v for k, v in outputs.items()}
+    def record_artifacts(self, inputs: Mapping[str, Manifest], outputs: Mapping[str, Manifest],
+                         cache_key: str, uri: Callable[[str], str]) -> None:
+        """What the step read and wrote: tags with every digest; the inputs as MLflow
+        datasets (digest and source URI) and the model outputs as MLflow logged models,
+        which is as far as MLflow's run inputs/outputs go (no dataset outputs)."""
+        tags = {f"tailwise.input.{k}": m.digest for k, m in inputs.items()}
+        tags |= {f"tailwise.output.{k}": m.digest for k, m in outputs.items()}
         tags["tailwise.cache_key"] = cache_key
         self.set_tags(tags)
+        if self.client is None:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput
+
+        datasets = [DatasetInput(Dataset(name=name, digest=m.digest[:12], source_type="tailwise",
+                                         source=uri(m.digest)),
+                                 tags=[InputTag("mlflow.data.context", m.kind)])
+                    for name, m in inputs.items()]
+        if datasets:
+            self.client.log_inputs(self.run_id, datasets=datasets)
+        models = [self._logged_model(name, m, uri) for name, m in outputs.items()
+                  if m.kind == "model"]
+        if models:
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(i, step=0) for i in models])
+
+    def _logged_model(self, name: str, m: Manifest, uri: Callable[[str], str]) -> str:
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        model = self.client.create_logged_model(
+            experiment, name=name, source_run_id=self.run_id, model_type="tailwise",
+            tags={"tailwise.digest": m.digest, "tailwise.uri": uri(m.digest)})
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
 
 
 class NullTracker:

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from toy_steps import COUNT, SHOUT
+from toy_steps import COUNT, SHOUT, CountParams
 
 from steps.core.lineage import downstream, render, upstream
-from steps.core.step import run_step
+from steps.core.step import Output, Step, run_step
 from steps.core.store import open_store
 
 
@@ -92,7 +92,7 @@ def test_html_format_draws_every_node_and_edge(chain):
     store, text, loud, count = chain
     page = render(upstream(store, count), "html")
     assert page.startswith("<!doctype html>") and "<script" not in page
-    assert page.count('<g class="node"') == 5 and page.count("<line ") == 4
+    assert page.count('<g class="node"') == 5 and page.count('<path class="edge"') == 4
     assert f'id="{count}"' in page and "shout v1" in page and "times=2" in page
 
 
@@ -124,3 +124,58 @@ def test_lineage_cli(chain, tmp_path):
     assert "Traceback" not in missing.stderr
     bad = subprocess.run(cli + [count, "--format", "png"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--format 'png'" in bad.stderr
+
+
+def pair(ctx, params, inputs):
+    out = ctx.workdir / "pair.txt"
+    out.write_text(inputs["a"].read_text() + inputs["b"].read_text())
+    return {"pair": Output(out, "evaluation")}
+
+
+PAIR = Step("pair", "1", CountParams, ("a", "b"), pair)
+
+
+def test_html_layers_route_edges_around_boxes(chain):
+    """An input from far up (the source text into `pair`, beside the loud text) runs through
+    the gaps between layers, never through a box; every layer's boxes are apart."""
+    from steps.core.lineage_html import BOX_W, LANE_W, layers, order, positions, routed
+
+    store, text, loud, count = chain
+    joined = run_step(PAIR, {}, {"a": text, "b": count}, store=store).digests()["pair"]
+    graph = upstream(store, joined)
+    layer = layers(graph)
+    rows, chains = routed(graph, layer)
+    rows = order(rows, chains)
+    where, width, _ = positions(rows)
+    depth = {node: i for i, row in enumerate(rows) for node in row}
+    skipping = [c for c in chains if c[0] == text and c[-1].startswith("step:")
+                and graph.steps[c[-1]].step == "pair"]
+    assert len(skipping) == 1 and len(skipping[0]) == 2 + layer[skipping[0][-1]] - 1
+    for edge in chains:  # each hop goes one layer down: it only crosses a gap
+        assert [depth[n] for n in edge] == list(range(depth[edge[0]], depth[edge[-1]] + 1))
+    for row in rows:
+        spans = sorted((where[n][0], where[n][0] + (LANE_W if n.startswith("lane:") else BOX_W))
+                       for n in row)
+        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert width < 3 * (BOX_W + 40)
+
+
+def test_html_shows_full_labels_on_hover_and_an_evaluation_metric(chain, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from steps.core.lineage import annotate_metrics
+    from steps.core.store import ProducedBy
+
+    store, text, loud, count = chain
+    table = tmp_path / "evaluation.parquet"
+    pq.write_table(pa.table({"perplexity": [191.25], "sparsity": [0.7]}), table)
+    made = ProducedBy(step="evaluate", step_version="1", inputs={"model": loud},
+                      params={"seqlen": 2048, "text": "a very long parameter value " * 3})
+    evaluation = store.put(table, "evaluation", produced_by=made).digest
+    page = render(annotate_metrics(store, upstream(store, evaluation)), "html")
+    assert ">perplexity 191.2<" in page  # the key metric on the evaluation's box
+    assert 'class="tip"' in page and ".node:hover .tip{visibility:visible}" in page
+    assert f">{evaluation}<" in page  # the full digest, on hover
+    assert "a very long parameter value a very long parameter value" in page
+    assert "<script" not in page
