@@ -13,6 +13,7 @@ from torch import nn
 
 from steps.core.factory import load_model
 from steps.evaluate.metrics import (
+    EvaluationError,
     achieved_sparsity,
     default_seqlen,
     parameter_count,
@@ -68,11 +69,7 @@ def evaluate_model_dir(
     including its size on disk."""
     model_dir = Path(model_dir)
     model = load_model(model_dir)
-    tokenizer = None
-    if perplexity_text is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = model_tokenizer(model_dir) if perplexity_text is not None else None
     row = evaluate_model(
         model,
         tokenizer,
@@ -84,6 +81,18 @@ def evaluate_model_dir(
     )
     row["size_bytes"] = size_on_disk(model_dir)
     return row
+
+
+def model_tokenizer(model_dir: Path):
+    """The tokenizer saved beside the model; a one-line error when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise EvaluationError(f"model {model_dir}: no usable tokenizer files (perplexity needs "
+                              f"the model's tokenizer: save it beside the weights, e.g. "
+                              f"tokenizer.save_pretrained(dir)); {type(exc).__name__}") from exc
 
 
 ROW_SCHEMA = pa.schema(

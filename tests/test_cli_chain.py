@@ -1,0 +1,128 @@
+"""The defects a new user hit on the CLI chain (spectral -> allocate -> prune -> evaluate).
+
+Each test runs the `tailwise` command as a user would (its entry point, in this process: a
+fresh interpreter per command would spend most of the test importing torch), on a tiny
+seeded LLaMA with the byte tokenizer, and checks the answer the user gets: exit code,
+one-line errors, what is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from steps.cli import main
+from steps.core.factory import build_model, byte_tokenizer, save_hf
+
+
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def tailwise(*args: str, env: dict) -> Done:
+    """`tailwise ARGS` with the env vars set: exit code and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.setattr(sys, "argv", ["tailwise", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        except Exception:  # what an uncaught error does to the real command: exit 1
+            traceback.print_exc()
+            code = 1
+    return Done(code, out.getvalue(), err.getvalue())
+
+
+def assert_one_line_error(done: Done, *phrases: str) -> str:
+    """Exit 2, no traceback, and one `error:` line (the last) containing every phrase."""
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and done.stderr.strip().endswith(errors[0]), done.stderr
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-chain")
+    model = save_hf(build_model("tiny-llama", seed=0), byte_tokenizer(), root / "llama")
+    text = root / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 300)
+    env = {"TAILWISE_STORE": str(root / "store"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "TAILWISE_CACHE_DIR": str(root / "cache")}
+    return root, model, text, env
+
+
+def manifest_of(root, digest: str) -> dict:
+    return json.loads((root / "store" / "manifests" / f"{digest}.json").read_text())
+
+
+def output_digest(stdout: str, name: str) -> str:
+    return next(line.split()[1] for line in stdout.splitlines() if line.startswith(name))
+
+
+# ------------------------------------------------------------------- tokenizer
+
+
+def test_a_magnitude_pruned_model_carries_its_tokenizer(chain):
+    root, model, text, env = chain
+    done = tailwise("prune", str(model), "--method", "magnitude", "--sparsity", "0.5",
+                    "--output", str(root / "magnitude"), env=env)
+    assert done.returncode == 0, done.stderr
+    assert (root / "magnitude" / "tokenizer.json").is_file()
+    done = tailwise("evaluate", str(root / "magnitude"), "--perplexity", str(text),
+                    "--seqlen", "64", "--max-windows", "2", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "perplexity" in done.stdout
+
+
+def test_evaluating_perplexity_without_a_tokenizer_is_a_one_line_error(chain):
+    root, _, text, env = chain
+    bare = save_hf(build_model("tiny-llama", seed=1), None, root / "no-tokenizer")
+    done = tailwise("evaluate", str(bare), "--perplexity", str(text), env=env)
+    assert_one_line_error(done, "tokenizer", "no-tokenizer")
+
+
+# ------------------------------------------------------------ conflicting options
+
+
+def test_sparsity_and_allocation_together_are_refused(chain):
+    root, model, _, env = chain
+    decisions = root / "decisions.parquet"
+    names = [f"model.layers.{i}.{m}" for i in range(2) for m in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    pq.write_table(pa.table({"name": names, "sparsity": [0.7] * len(names)}), decisions)
+    done = tailwise("prune", str(model), "--method", "magnitude", "--sparsity", "0.5",
+                    "--allocation", str(decisions), "--output", str(root / "both"), env=env)
+    assert_one_line_error(done, "sparsity", "allocation")
+    assert not (root / "both").exists()
+
+
+def test_a_prune_manifest_records_the_params_that_took_effect(chain):
+    root, model, _, env = chain
+    done = tailwise("prune", str(model), "--method", "magnitude", "--sparsity", "0.25", env=env)
+    assert done.returncode == 0, done.stderr
+    params = manifest_of(root, output_digest(done.stdout, "prune.model"))["produced_by"]["params"]
+    # Magnitude pruning reads no calibration text: no calibration params are claimed.
+    assert params["sparsity"] == 0.25 and params["method"] == "magnitude"
+    assert params["nsamples"] is None and params["seqlen"] is None
