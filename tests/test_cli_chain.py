@@ -21,6 +21,8 @@ import pytest
 
 from steps.cli import main
 from steps.core.factory import build_model, byte_tokenizer, save_hf
+from steps.core.registry import load_step
+from steps.core.step import cache_key
 
 
 @dataclass
@@ -67,8 +69,7 @@ def chain(tmp_path_factory):
     text = root / "text.txt"
     text.write_text("In the beginning God created the heaven and the earth. " * 300)
     env = {"TAILWISE_STORE": str(root / "store"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "TAILWISE_CACHE_DIR": str(root / "cache")}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     return root, model, text, env
 
 
@@ -126,3 +127,92 @@ def test_a_prune_manifest_records_the_params_that_took_effect(chain):
     # Magnitude pruning reads no calibration text: no calibration params are claimed.
     assert params["sparsity"] == 0.25 and params["method"] == "magnitude"
     assert params["nsamples"] is None and params["seqlen"] is None
+
+
+def test_checks_that_need_no_model_come_first(chain):
+    root, model, _, env = chain
+    fresh = env | {"TAILWISE_STORE": str(root / "fresh-store")}
+    assert_one_line_error(tailwise("prune", str(model), "--method", "magnitude", "--nm", "2-4",
+                                   env=fresh), "2-4", "N:M")
+    assert_one_line_error(tailwise("prune", str(model), "--method", "wanda", "--sparsity",
+                                   "0.5", env=fresh), "wanda", "calibration")
+    # Refused before the model was read and stored (a real model takes a while to hash).
+    assert not (root / "fresh-store" / "manifests").exists()
+
+
+# ------------------------------------------------------------------ built-in corpora
+
+
+def test_built_in_corpora_by_name_are_the_build_text_artifacts_flows_make(chain):
+    root, model, _, env = chain
+    done = tailwise("--quiet", "prune", str(model), "--sparsity", "0.5", "--calibration",
+                    "kjv:validation", "--nsamples", "2", "--seqlen", "64", env=env)
+    assert done.returncode == 0, done.stderr
+    produced = manifest_of(root, output_digest(done.stdout, "prune.model"))["produced_by"]
+    text = manifest_of(root, produced["inputs"]["calibration"])
+    assert text["kind"] == "text"
+    assert text["produced_by"]["step"] == "build_text"
+    assert text["produced_by"]["params"] == {"corpus": "kjv", "split": "validation",
+                                             "max_chars": None}
+    # The same params a flow gives the step (flows/alpha_prune.py): one cache entry, one text.
+    step = load_step("build_text")
+    key = cache_key(step, step.validate({"split": "validation", "max_chars": None}), {})
+    assert text["produced_by"]["cache_key"] == key
+    done = tailwise("--quiet", "evaluate", str(model), "--perplexity", "fortunes", "--seqlen",
+                    "64", "--max-windows", "2", env=env)
+    assert done.returncode == 0, done.stderr
+    fortunes = output_digest(done.stdout, "build_text.text")
+    assert manifest_of(root, fortunes)["produced_by"]["params"]["corpus"] == "fortunes"
+    assert manifest_of(root, fortunes)["produced_by"]["params"]["split"] == "test"
+    done = tailwise("prune", str(model), "--sparsity", "0.5", "--calibration", "kjv:genesis",
+                    env=env)
+    assert_one_line_error(done, "kjv:genesis", "kjv:train")
+
+
+# ----------------------------------------------------------------------- progress
+
+
+def test_long_steps_show_progress_on_stderr_unless_quiet(chain):
+    root, model, text, env = chain
+    evaluate = ("evaluate", str(model), "--perplexity", str(text), "--seqlen", "32",
+                "--max-windows", "3")
+    done = tailwise(*evaluate, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "perplexity: 3 windows of 32" in done.stderr and "3/3" in done.stderr
+    assert "windows" not in done.stdout
+    prune = ("prune", str(model), "--sparsity", "0.3", "--calibration", str(text),
+             "--nsamples", "2", "--seqlen", "32")
+    done = tailwise(*prune, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "wanda: 2 blocks" in done.stderr and "2/2" in done.stderr
+    # Other values than above, so the steps run again rather than come from the cache.
+    for args in ((*evaluate[:-1], "2"), (*prune[:3], "0.35", *prune[4:])):
+        quiet = tailwise("--quiet", *args, env=env)
+        assert quiet.returncode == 0, quiet.stderr
+        assert "(computed)" in quiet.stdout
+        assert "windows" not in quiet.stderr and "blocks" not in quiet.stderr, quiet.stderr
+
+
+# ------------------------------------------------------------------- bad input
+
+
+def test_errors_name_the_users_argument_not_a_scratch_path(chain):
+    root, _, _, env = chain
+    metrics = root / "metrics.txt"
+    metrics.write_text("not a table")
+    line = assert_one_line_error(tailwise("allocate", str(metrics), env=env), "metrics.txt")
+    assert "tailwise-allocate-" not in line and str(metrics) in line
+
+
+def test_store_put_checks_the_kind_and_that_a_model_has_weights(chain):
+    root, model, _, env = chain
+    empty = root / "empty-model"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    assert_one_line_error(tailwise("store", "put", str(empty), "--kind", "model", env=env),
+                          "empty-model")
+    assert_one_line_error(tailwise("store", "put", str(model), "--kind", "modle", env=env),
+                          "modle", "model")
+    done = tailwise("store", "put", str(model), "--kind", "model", env=env)
+    assert done.returncode == 0, done.stderr
+    assert manifest_of(root, json.loads(done.stdout)["digest"])["kind"] == "model"

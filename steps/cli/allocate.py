@@ -38,7 +38,8 @@ def allocate(
     model: Annotated[str | None, typer.Option(
         help="owl: the dense model whose outlier ratios are measured.")] = None,
     calibration: Annotated[str | None, typer.Option(
-        help="owl: calibration text file or digest.")] = None,
+        help="owl: calibration text: a file, a digest or a built-in corpus (kjv:train, "
+        "fortunes, ...).")] = None,
     output: Annotated[Path | None, typer.Option(
         help="Also write the decisions table (Parquet) here.")] = None,
     store: StoreOption = None,

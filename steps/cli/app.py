@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from collections.abc import Iterable
@@ -48,6 +49,8 @@ def _options(
 ) -> None:
     """Global options (--debug itself is read in main())."""
     Options.quiet = quiet
+    if quiet:  # nor the bars of Hugging Face libraries (read when they are imported)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def validate_request(step_name: str, params: dict, inputs: Iterable[str]) -> None:
@@ -99,16 +102,28 @@ REF_PATTERN = re.compile(r"(sha256:)?[0-9a-f]{4,64}|\w+://.+")
 CORPUS_PATTERN = re.compile(r"(kjv|fortunes)(?::(train|validation|test))?")
 
 
+# The kinds of artifact a user may add by hand: those that steps read.
+SOURCE_KINDS = ("model", "text", "text-classification", "decisions", "metrics", "md-tree")
+
+
+def put_source(the_store, path: Path, kind: str):
+    """Store a user's file or directory as a source artifact, after checking it is one."""
+    if kind not in SOURCE_KINDS:
+        raise TailwiseError(f"kind {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+    if kind == "model":
+        from steps.core.weights import open_weights
+
+        if not open_weights(path).infos():  # reads headers only: refuses a corrupt file early
+            raise TailwiseError(f"model {path}: no weight matrices in it")
+    return the_store.put(path, kind)
+
+
 def input_ref(the_store, ref: str, kind: str, corpus_split: str = "train") -> str:
     """An input given as a path is stored first (a source artifact); a text may also be a
     built-in corpus (`kjv:test`; `kjv` alone is its `corpus_split`); else an artifact ref."""
     path = Path(ref)
     if path.exists():
-        if kind == "model":
-            from steps.core.weights import open_weights
-
-            open_weights(path).infos()  # reads headers only: refuses a corrupt file early
-        digest = the_store.put(path, kind).digest
+        digest = put_source(the_store, path, kind).digest
     elif kind == "text" and (corpus := CORPUS_PATTERN.fullmatch(ref)):
         params = {"corpus": corpus.group(1), "split": corpus.group(2) or corpus_split}
         _, built = run_and_report("build_text", params, {}, the_store)

@@ -31,9 +31,10 @@ def evaluate_model(
     seqlen: int | None = None,
     max_windows: int | None = None,
     device: str | torch.device = "auto",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Metrics of an in-memory model: name, params, sparsity, and perplexity on a text file
-    when one is given (None otherwise)."""
+    when one is given (None otherwise); `progress`: a bar of the windows on stderr."""
     row: dict[str, Any] = {
         "model": name,
         "params": parameter_count(model),
@@ -51,6 +52,7 @@ def evaluate_model(
             seqlen=seqlen,
             max_windows=max_windows,
             device=device,
+            progress=progress,
         )
         row["perplexity_text"] = str(perplexity_text)
         row["seqlen"] = seqlen
@@ -64,6 +66,7 @@ def evaluate_model_dir(
     seqlen: int | None = None,
     max_windows: int | None = None,
     device: str | torch.device = "auto",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a saved model directory (its tokenizer is read from the same directory),
     including its size on disk."""
@@ -78,6 +81,7 @@ def evaluate_model_dir(
         seqlen=seqlen,
         max_windows=max_windows,
         device=device,
+        progress=progress,
     )
     row["size_bytes"] = size_on_disk(model_dir)
     return row

@@ -98,6 +98,7 @@ def prune_step(ctx: StepContext, params: PruneParams, inputs: dict[str, Path]) -
         report = prune(model, tokenizer, method=params.method, sparsity=params.sparsity,
                        allocation=inputs.get("allocation"), nm=params.nm,
                        calibration_text=inputs.get("calibration"), device=params.device,
+                       progress=ctx.progress,
                        **params.model_dump(include=set(CALIBRATION_PARAMS), exclude_none=True))
     out = save_pruned(model, tokenizer, ctx.workdir / "pruned", report, params.compressed)
     achieved = pq.read_table(out / REPORT_FILE)
