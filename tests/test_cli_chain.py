@@ -216,3 +216,43 @@ def test_store_put_checks_the_kind_and_that_a_model_has_weights(chain):
     done = tailwise("store", "put", str(model), "--kind", "model", env=env)
     assert done.returncode == 0, done.stderr
     assert manifest_of(root, json.loads(done.stdout)["digest"])["kind"] == "model"
+
+
+# ------------------------------------------------------------------------ tables
+
+
+def test_wide_tables_keep_the_distinctive_tail_of_names(monkeypatch):
+    from steps.cli.app import console
+    from steps.cli.tables import print_layer_table
+
+    names = [f"bert.encoder.layer.{i // 6}.attention.output.dense" for i in range(211)]
+    rows = [(name, f"{i}", "768 x 768", f"{2 + i / 100:.3f}", "under-trained")
+            for i, name in enumerate(names)]
+    monkeypatch.setattr(console, "width", 80)
+    with console.capture() as captured:
+        print_layer_table("t", ("name", "layer", "N x M", "alpha", "warning"), rows,
+                          optional=("layer",), top=5, rank=lambda i: float(rows[i][3]),
+                          ranked_by="alpha", summary="211 matrices")
+    lines = captured.get().splitlines()
+    assert max(map(len, lines)) <= 80
+    assert not any("encoder…" in line for line in lines)
+    shown = [line for line in lines if "…" in line]
+    assert len(shown) == 5  # the five largest alphas, largest first
+    assert "…layer.35.attention.output.dense " in shown[0]  # the tail, from a whole part
+    assert all(line.rstrip().endswith("under-trained") for line in shown)
+    assert "5 of 211" in captured.get() and lines[-1] == "211 matrices"
+
+
+def test_spectral_and_allocate_top_and_the_plot_allocate_made(chain):
+    root, model, _, env = chain
+    done = tailwise("spectral", str(model), "--estimator", "alpha_peak", "--output",
+                    str(root / "alphas.parquet"), "--top", "3", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "showing the 3 of 16 rows with the largest alpha" in done.stdout
+    done = tailwise("allocate", str(root / "alphas.parquet"), "--sparsity", "0.6", "--top",
+                    "2", "--plots", str(root / "plots"), env=env)
+    assert done.returncode == 0, done.stderr
+    assert "showing the 2 of 14 rows with the largest sparsity" in done.stdout
+    assert "14 layers; sparsity min" in done.stdout
+    assert (root / "plots" / "decisions.png").is_file()
+    assert f"plot: {root / 'plots' / 'decisions.png'}" in done.stdout
