@@ -52,15 +52,11 @@ class PruneParams(BaseModel):
         manifest records none of the calibration params (they would not have taken effect)."""
         if self.nm is not None and self.sparsity is not None:
             raise ValueError("give a sparsity or an N:M pattern, not both")
-        if self.method == "magnitude":
-            for name in CALIBRATION_PARAMS:
+        for name in CALIBRATION_PARAMS:
+            if self.method == "magnitude":
                 setattr(self, name, None)
-        else:
-            defaults = {"nsamples": DEFAULT_NSAMPLES, "seqlen": DEFAULT_SEQLEN, "seed": 0,
-                        "batch_tokens": DEFAULT_BATCH_TOKENS}
-            for name, default in defaults.items():
-                if getattr(self, name) is None:
-                    setattr(self, name, default)
+            elif getattr(self, name) is None:  # the others always calibrate: say with what
+                setattr(self, name, type(self).model_fields[name].default)
         return self
 
 
