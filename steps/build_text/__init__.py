@@ -1,1 +1,1 @@
-"""build_text: a text corpus split (King James Bible) as a text artifact."""
+"""build_text: a built-in text corpus split (King James Bible, fortunes) as a text artifact."""

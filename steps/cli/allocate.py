@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from steps.cli.app import (
     StoreOption,
@@ -17,6 +16,7 @@ from steps.cli.app import (
     read_output,
     run_and_report,
 )
+from steps.cli.tables import finite_or_lowest, print_layer_table
 from steps.core.store import open_store
 
 
@@ -42,9 +42,14 @@ def allocate(
     model: Annotated[str | None, typer.Option(
         help="owl: the dense model whose outlier ratios are measured.")] = None,
     calibration: Annotated[str | None, typer.Option(
-        help="owl: calibration text file or digest.")] = None,
+        help="owl: calibration text: a file, a digest or a built-in corpus (kjv:train, "
+        "fortunes, ...).")] = None,
     output: Annotated[Path | None, typer.Option(
         help="Also write the decisions table (Parquet) here.")] = None,
+    plots: Annotated[Path | None, typer.Option(
+        help="Write the decisions plot (decisions.png) into this folder.")] = None,
+    top: Annotated[int | None, typer.Option(
+        min=1, help="Show only the N layers of largest decision (e.g. sparsity).")] = None,
     store: StoreOption = None,
 ) -> None:
     """Turn per-layer metrics into per-layer decisions: sparsity, lr factor or LoRA experts."""
@@ -59,14 +64,32 @@ def allocate(
     if calibration:
         inputs["calibration"] = input_ref(the_store, calibration, "text")
     _, result = run_and_report("allocate", params, inputs, store)
-    print_decisions(read_output(the_store, result.outputs["decisions"].digest, output))
+    print_decisions(read_output(the_store, result.outputs["decisions"].digest, output), top)
+    report_plot(the_store, result.outputs.get("plot"), plots)
 
 
-def print_decisions(decisions) -> None:
+def print_decisions(decisions, top: int | None = None) -> None:
     column = next(c for c in ("sparsity", "lr_factor", "experts") if c in decisions.column_names)
-    table = Table("name", "block", column, title="per-layer decisions")
-    for row in decisions.to_pylist():
-        value = row[column]
-        table.add_row(row["name"], str(row.get("block")),
-                      f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    rows = decisions.to_pylist()
+    values = [row[column] for row in rows]
+    cells = [(row["name"], str(row.get("block")),
+              f"{value:.4f}" if isinstance(value, float) else str(value))
+             for row, value in zip(rows, values, strict=True)]
+    known = [v for v in values if v is not None]
+    summary = f"{len(rows)} layers; {column} min {min(known):.4g}, mean " \
+        f"{sum(known) / len(known):.4g}, max {max(known):.4g}" if known else f"{len(rows)} layers"
+    print_layer_table("per-layer decisions", ("name", "block", column), cells, top=top,
+                      rank=lambda i: finite_or_lowest(values[i]), ranked_by=column,
+                      summary=summary)
+
+
+def report_plot(the_store, plot, folder: Path | None) -> None:
+    """Say where the decisions plot is: written into `folder`, or its artifact digest."""
+    if plot is None:
+        return
+    if folder is None:
+        console.print(f"plot: {plot.digest[:12]} in the store (decisions.png; --plots DIR "
+                      f"writes it, or tailwise store get {plot.digest[:12]} decisions.png)",
+                      soft_wrap=True)
+        return
+    console.print(f"plot: {the_store.get(plot.digest, folder / 'decisions.png')}", soft_wrap=True)

@@ -15,12 +15,14 @@ from steps.core.store import open_store
 def evaluate(
     model: Annotated[str, typer.Argument(help="Model directory or artifact digest.")],
     perplexity: Annotated[str | None, typer.Option(
-        help="Text file or digest: perplexity over non-overlapping windows.")] = None,
+        help="Text: perplexity over non-overlapping windows. A file, a digest or a built-in "
+        "corpus: kjv:test, kjv:validation, kjv:train, fortunes (kjv alone: kjv:test).")] = None,
     data: Annotated[str | None, typer.Option(
         help="Labelled JSONL (or digest): accuracy of a fine-tuned classifier on its test "
         "split.")] = None,
     seqlen: Annotated[int | None, typer.Option(
-        help="Window length [default: the model's context].")] = None,
+        help="Window length [default: the model's context, at most 2048; on a CPU try 512 "
+        "with --max-windows 16].")] = None,
     max_windows: Annotated[int | None, typer.Option(help="Evaluate only the first windows.")
                            ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -30,7 +32,7 @@ def evaluate(
     the_store = open_store(store)
     inputs = {"model": input_ref(the_store, model, "model")}
     if perplexity:
-        inputs["text"] = input_ref(the_store, perplexity, "text")
+        inputs["text"] = input_ref(the_store, perplexity, "text", corpus_split="test")
     if data:
         inputs["data"] = input_ref(the_store, data, "text-classification")
     params = {"seqlen": seqlen, "max_windows": max_windows, "device": device,

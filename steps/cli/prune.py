@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from steps.cli.app import StoreOption, app, input_ref, run_and_report
+from steps.cli.app import StoreOption, app, input_ref, run_and_report, validate_request
 from steps.core.store import open_store
 
 
@@ -22,9 +22,12 @@ def prune(
     ] = None,
     nm: Annotated[str | None, typer.Option(help="N:M structured sparsity, e.g. 2:4.")] = None,
     calibration: Annotated[str | None, typer.Option(
-        help="Calibration text file or digest (Wanda, SparseGPT).")] = None,
-    nsamples: Annotated[int, typer.Option(help="Calibration sequences.")] = 128,
-    seqlen: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 2048,
+        help="Calibration text (Wanda, SparseGPT): a file, a digest or a built-in corpus: "
+        "kjv:train, kjv:validation, kjv:test, fortunes (kjv alone: kjv:train).")] = None,
+    nsamples: Annotated[int | None, typer.Option(
+        help="Calibration sequences [default: 128; on a CPU try 8].")] = None,
+    seqlen: Annotated[int | None, typer.Option(
+        help="Tokens per calibration sequence [default: 2048; on a CPU try 512].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_tokens: Annotated[int | None, typer.Option(
         help="Calibration tokens per block call (whole sequences) [default: 512].")] = None,
@@ -34,16 +37,18 @@ def prune(
     store: StoreOption = None,
 ) -> None:
     """Prune a causal LM's decoder blocks (magnitude, Wanda, SparseGPT), globally or per layer."""
+    params = {"method": method, "sparsity": sparsity, "nm": nm, "device": device,
+              "compressed": compressed}
+    params |= {k: v for k, v in (("nsamples", nsamples), ("seqlen", seqlen),
+                                 ("batch_tokens", batch_tokens)) if v is not None}
+    given = {"model": model, "allocation": allocation, "calibration": calibration}
+    validate_request("prune", params, [name for name, value in given.items() if value])
     the_store = open_store(store)
     inputs = {"model": input_ref(the_store, model, "model")}
     if allocation:
         inputs["allocation"] = input_ref(the_store, allocation, "decisions")
     if calibration:
         inputs["calibration"] = input_ref(the_store, calibration, "text")
-    params = {"method": method, "sparsity": sparsity, "nm": nm, "nsamples": nsamples,
-              "seqlen": seqlen, "device": device, "compressed": compressed}
-    if batch_tokens is not None:
-        params["batch_tokens"] = batch_tokens
-    _, result = run_and_report("prune", params, inputs, store)
+    _, result = run_and_report("prune", params, inputs, the_store)
     if output:
         print(the_store.get(result.outputs["model"].digest, output))

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from steps.cli.app import StoreOption, app, console, input_ref, read_output, run_and_report
 from steps.core.registry import load_step
+from steps.cli.tables import finite_or_lowest, print_layer_table
 from steps.core.store import open_store
 
 
@@ -39,6 +39,8 @@ def spectral(
     farms_ops: Annotated[int, typer.Option(
         help="FARMS window positions per side (at most ops x ops windows).")] = 10,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute.")] = False,
+    top: Annotated[int | None, typer.Option(
+        min=1, help="Show only the N matrices of largest alpha (least trained).")] = None,
     store: StoreOption = None,
 ) -> None:
     """Measure every weight matrix's eigenvalue spectrum: alpha, norms, rank, warnings."""
@@ -49,7 +51,7 @@ def spectral(
     load_step("spectral").validate(params)  # bad options fail before the model is stored
     _, result = run_and_report("spectral", params, {"model": input_ref(the_store, model, "model")},
                                store, use_cache=not no_cache, progress=True)
-    print_spectral_summary(read_output(the_store, result.outputs["metrics"].digest, output))
+    print_spectral_summary(read_output(the_store, result.outputs["metrics"].digest, output), top)
     if output:
         console.print(f"metrics: {output}")
     if plots and "plots" in result.outputs:
@@ -58,19 +60,21 @@ def spectral(
             console.print(f"plot: {png}")
 
 
-def print_spectral_summary(metrics) -> None:
+def print_spectral_summary(metrics, top: int | None = None) -> None:
     from steps.spectral import summarize
 
-    table = Table("layer", "name", "N x M", "alpha", "D", "lambda_max", "log_norm", "warning",
-                  title="per-matrix spectral metrics")
-    for row in metrics.to_pylist():
-        table.add_row(str(row["layer_id"]), row["name"], f"{row['N']} x {row['M']}",
-                      f"{row['alpha']:.3f}", f"{row['D']:.3f}", f"{row['lambda_max']:.4g}",
-                      f"{row['log_norm']:.3f}", row["warning"] or row["status"])
-    console.print(table)
+    rows = metrics.to_pylist()
+    cells = [(row["name"], str(row["layer_id"]), f"{row['N']} x {row['M']}",
+              f"{row['alpha']:.3f}", f"{row['D']:.3f}", f"{row['lambda_max']:.4g}",
+              f"{row['log_norm']:.3f}", row["warning"] or row["status"]) for row in rows]
     summary = summarize(metrics)
-    console.print(f"{summary['num_fitted']}/{summary['num_matrices']} matrices fitted; mean "
-                  f"alpha {summary['mean_alpha']:.3f}, mean alpha_weighted "
-                  f"{summary['mean_alpha_weighted']:.3f}; {summary['num_over_trained']} "
-                  f"over-trained (alpha < 2), {summary['num_under_trained']} under-trained "
-                  f"(alpha > 6)")
+    print_layer_table(
+        "per-matrix spectral metrics",
+        ("name", "layer", "N x M", "alpha", "D", "lambda_max", "log_norm", "warning"), cells,
+        optional=("layer", "lambda_max", "D", "log_norm"), top=top,
+        rank=lambda i: finite_or_lowest(rows[i]["alpha"]), ranked_by="alpha",
+        summary=f"{summary['num_fitted']}/{summary['num_matrices']} matrices fitted; mean "
+                f"alpha {summary['mean_alpha']:.3f}, mean alpha_weighted "
+                f"{summary['mean_alpha_weighted']:.3f}; {summary['num_over_trained']} "
+                f"over-trained (alpha < 2), {summary['num_under_trained']} under-trained "
+                f"(alpha > 6)")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from steps.cli.app import StoreOption, cache_app, console, store_app
+from steps.cli.app import SOURCE_KINDS, StoreOption, cache_app, console, put_source, store_app
 from steps.core.errors import TailwiseError
 from steps.core.store import open_store
 
@@ -45,11 +45,14 @@ def store_get(ref: Annotated[str, typer.Argument(help="Digest, prefix or URI.")]
 
 @store_app.command("put")
 def store_put(path: Annotated[Path, typer.Argument(help="File or directory to store.")],
-              kind: Annotated[str, typer.Option(help="Artifact kind, e.g. model, text.")],
+              kind: Annotated[str, typer.Option(
+                  help=f"Artifact kind: {', '.join(SOURCE_KINDS)}.")],
               store: StoreOption = None) -> None:
     """Add a file or directory (e.g. your own HF model dir) as a source artifact."""
+    if not path.exists():
+        raise TailwiseError(f"{path}: no such file or directory")
     the_store = open_store(store)
-    manifest = the_store.put(path, kind)
+    manifest = put_source(the_store, path, kind)
     print(json.dumps({"digest": manifest.digest, "uri": the_store.uri(manifest.digest)}))
 
 

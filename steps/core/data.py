@@ -205,6 +205,22 @@ def fortunes_splits(
     return paths
 
 
+TEXT_CORPORA = ("kjv", "fortunes")
+
+
+def corpus_text(corpus: str, split: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """A built-in corpus split as plain text: KJV chapters, or every fortune of the split
+    (all categories) separated by a blank line."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if corpus == "kjv":
+        return kjv_splits(cache_dir)[split].read_text(encoding="utf-8")
+    if corpus == "fortunes":
+        records = read_jsonl(fortunes_splits(cache_dir)[split])
+        return "\n\n".join(record["text"] for record in records) + "\n"
+    raise ValueError(f"unknown corpus {corpus!r}; choose one of {', '.join(TEXT_CORPORA)}")
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict]:
     """Read a JSONL file written by fortunes_splits."""
     with open(path, encoding="utf-8") as f:

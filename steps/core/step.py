@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,8 @@ class StepContext:
 
 
 StepFn = Callable[[StepContext, Any, dict[str, Path]], dict[str, Output]]
+# Refuses params that conflict with the inputs given (their names), before anything runs.
+InputsCheck = Callable[[Any, frozenset[str]], None]
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,17 @@ class Step:
     inputs: tuple[str, ...]
     fn: StepFn
     optional_inputs: tuple[str, ...] = ()
+    check_inputs: InputsCheck | None = None
 
-    def validate(self, params: BaseModel | Mapping[str, Any] | None) -> BaseModel:
+    def validate(self, params: BaseModel | Mapping[str, Any] | None,
+                 inputs: Iterable[str] | None = None) -> BaseModel:
+        """Typed params; with the names of the inputs given, also checked against those."""
+        valid = self._validate_params(params)
+        if inputs is not None and self.check_inputs is not None:
+            self.check_inputs(valid, frozenset(inputs))
+        return valid
+
+    def _validate_params(self, params: BaseModel | Mapping[str, Any] | None) -> BaseModel:
         if isinstance(params, self.params):
             return params
         params = dict(params or {})
@@ -180,7 +191,7 @@ def run_step(step: Step, params: BaseModel | Mapping[str, Any] | None,
              flow_run_id: str | None = None, use_cache: bool = True,
              progress: bool = False) -> StepResult:
     """Run `step` on input artifact refs, or reuse its cached outputs."""
-    params = step.validate(params)
+    params = step.validate(params, inputs)
     missing = set(step.inputs) - set(inputs)
     unknown = set(inputs) - set(step.inputs) - set(step.optional_inputs)
     if missing or unknown:

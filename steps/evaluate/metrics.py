@@ -25,6 +25,7 @@ from steps.core.blocks import (
 )
 from steps.core.devices import resolve_device
 from steps.core.errors import TailwiseError
+from steps.core.progress import progress_bar
 
 DEFAULT_MAX_SEQLEN = 2048  # the papers' evaluation length; longer contexts are capped to it
 
@@ -56,10 +57,12 @@ def perplexity_of_ids(
     seqlen: int | None = None,
     max_windows: int | None = None,
     device: str | torch.device = "auto",
+    progress: bool = False,
 ) -> float:
     """exp(mean next-token NLL) over non-overlapping seqlen windows of a 1-D id tensor.
 
-    max_windows limits the evaluation to the first windows (for quick runs).
+    max_windows limits the evaluation to the first windows (for quick runs); `progress`: a
+    bar of the windows done on stderr, with the time left.
     """
     seqlen = seqlen or default_seqlen(model)
     windows = token_ids.numel() // seqlen
@@ -74,12 +77,15 @@ def perplexity_of_ids(
     model.to(device)
     try:
         total_nll = 0.0
-        for i in range(windows):
-            window = token_ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
-            logits = model(input_ids=window, use_cache=False).logits
-            total_nll += F.cross_entropy(
-                logits[0, :-1].float(), window[0, 1:], reduction="sum"
-            ).item()
+        with progress_bar(windows, f"perplexity: {windows} windows of {seqlen}",
+                          progress) as advance:
+            for i in range(windows):
+                window = token_ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
+                logits = model(input_ids=window, use_cache=False).logits
+                total_nll += F.cross_entropy(
+                    logits[0, :-1].float(), window[0, 1:], reduction="sum"
+                ).item()
+                advance()
     finally:
         model.to(home)
     return math.exp(total_nll / (windows * (seqlen - 1)))
@@ -93,10 +99,12 @@ def perplexity(
     seqlen: int | None = None,
     max_windows: int | None = None,
     device: str | torch.device = "auto",
+    progress: bool = False,
 ) -> float:
     """Perplexity of the model on a text file (see perplexity_of_ids)."""
     ids = tokenize_file(tokenizer, text)
-    return perplexity_of_ids(model, ids, seqlen=seqlen, max_windows=max_windows, device=device)
+    return perplexity_of_ids(model, ids, seqlen=seqlen, max_windows=max_windows, device=device,
+                             progress=progress)
 
 
 def accuracy(logits: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> float:

@@ -13,6 +13,7 @@ from torch import nn
 
 from steps.core.factory import load_model
 from steps.evaluate.metrics import (
+    EvaluationError,
     achieved_sparsity,
     default_seqlen,
     parameter_count,
@@ -30,9 +31,10 @@ def evaluate_model(
     seqlen: int | None = None,
     max_windows: int | None = None,
     device: str | torch.device = "auto",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Metrics of an in-memory model: name, params, sparsity, and perplexity on a text file
-    when one is given (None otherwise)."""
+    when one is given (None otherwise); `progress`: a bar of the windows on stderr."""
     row: dict[str, Any] = {
         "model": name,
         "params": parameter_count(model),
@@ -50,6 +52,7 @@ def evaluate_model(
             seqlen=seqlen,
             max_windows=max_windows,
             device=device,
+            progress=progress,
         )
         row["perplexity_text"] = str(perplexity_text)
         row["seqlen"] = seqlen
@@ -63,16 +66,13 @@ def evaluate_model_dir(
     seqlen: int | None = None,
     max_windows: int | None = None,
     device: str | torch.device = "auto",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a saved model directory (its tokenizer is read from the same directory),
     including its size on disk."""
     model_dir = Path(model_dir)
     model = load_model(model_dir)
-    tokenizer = None
-    if perplexity_text is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer = model_tokenizer(model_dir) if perplexity_text is not None else None
     row = evaluate_model(
         model,
         tokenizer,
@@ -81,9 +81,22 @@ def evaluate_model_dir(
         seqlen=seqlen,
         max_windows=max_windows,
         device=device,
+        progress=progress,
     )
     row["size_bytes"] = size_on_disk(model_dir)
     return row
+
+
+def model_tokenizer(model_dir: Path):
+    """The tokenizer saved beside the model; a one-line error when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise EvaluationError(f"model {model_dir}: no usable tokenizer files (perplexity needs "
+                              f"the model's tokenizer: save it beside the weights, e.g. "
+                              f"tokenizer.save_pretrained(dir)); {type(exc).__name__}") from exc
 
 
 ROW_SCHEMA = pa.schema(

@@ -32,7 +32,7 @@ def evaluate_step(ctx: StepContext, params: EvaluateParams, inputs: dict[str, Pa
         return classifier_evaluation(ctx, params, inputs)
     row = evaluate_model_dir(inputs["model"], perplexity_text=inputs.get("text"),
                              seqlen=params.seqlen, max_windows=params.max_windows,
-                             device=params.device)
+                             device=params.device, progress=ctx.progress)
     row["model"] = params.name
     row["perplexity_text"] = ctx.input_digests.get("text")  # the digest, not a scratch path
     ctx.log_metrics({k: row[k] for k in ("perplexity", "sparsity", "params", "size_bytes")

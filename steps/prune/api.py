@@ -33,6 +33,7 @@ from steps.core.blocks import (
 from steps.core.calibration import DEFAULT_NSAMPLES, DEFAULT_SEQLEN, calibration_input_ids
 from steps.core.errors import TailwiseError
 from steps.core.factory import save_hf
+from steps.core.progress import progress_bar
 from steps.core.sparse_format import compress_dir
 from steps.prune import magnitude, sparsegpt, wanda
 from steps.prune.masks import Pattern, count_zeros
@@ -168,6 +169,7 @@ def prune(
     seed: int = 0,
     device: str = "auto",
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    progress: bool = False,
 ) -> pa.Table:
     """Prune the model's decoder-block layers in place; returns the per-layer report
     (name, target, achieved, params).
@@ -177,6 +179,7 @@ def prune(
     ("auto", "cpu", "cuda"); the model stays where it was. A block runs on up to
     `batch_tokens` calibration tokens at once (whole sequences, at least one): fewer, larger
     calls, the same statistics up to float rounding. Magnitude needs no calibration.
+    `progress`: a bar of the blocks done on stderr, with the time left.
     """
     if method not in METHODS:
         raise PruneError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
@@ -199,14 +202,18 @@ def prune(
     blocks = calibrated_blocks(
         model, input_ids, device=device, hessian=use_hessian, batch_tokens=batch_tokens
     )
-    for block in blocks:
-        for name, layer in block.layers.items():
-            if patterns[name].sparsity == 0:
-                continue
-            if use_hessian:
-                sparsegpt.prune_layer(layer, block.stats[name], patterns[name], layer_name=name)
-            else:
-                wanda.prune_layer(layer, block.stats[name], patterns[name])
+    total = len(find_blocks(model))
+    with progress_bar(total, f"{method}: {total} blocks", progress) as advance:
+        for block in blocks:
+            for name, layer in block.layers.items():
+                if patterns[name].sparsity == 0:
+                    continue
+                if use_hessian:
+                    sparsegpt.prune_layer(layer, block.stats[name], patterns[name],
+                                          layer_name=name)
+                else:
+                    wanda.prune_layer(layer, block.stats[name], patterns[name])
+            advance()
     return sparsity_report(layers, patterns)
 
 
