@@ -53,7 +53,8 @@ def test_alpha_prune_runs_both_allocations_and_reruns_cached(tmp_path, prefect_a
 
     settings = RunSettings(store=str(tmp_path / "store"), tracking=False)
     params = AlphaPruneParams(model="tiny-llama", sparsity=0.5, nsamples=2, seqlen=64,
-                              text_chars=20_000, eval_windows=2)
+                              text_chars=20_000, eval_windows=2, tasks=["kjv_next_verse"],
+                              limit=4)
     rows = alpha_prune(params, settings)
     by_name = {row["allocation"]: row for row in rows}
     assert set(by_name) == {"dense", "uniform", "alphapruning"}
@@ -61,6 +62,8 @@ def test_alpha_prune_runs_both_allocations_and_reruns_cached(tmp_path, prefect_a
     for name in ("uniform", "alphapruning"):
         assert 0.3 < by_name[name]["sparsity"] < 0.6
         assert by_name[name]["perplexity"] > 0
+    for row in rows:  # 4 examples of the shipped zero-shot task: accuracy in quarters
+        assert row["kjv_next_verse acc"] in (0, 0.25, 0.5, 0.75, 1)
     graph = upstream(open_store(settings.store), by_name["alphapruning"]["evaluation"])
     made = {m.step: m for m in graph.steps.values()}
     assert {"build_model", "build_text", "spectral", "allocate", "prune", "evaluate"} <= set(made)
