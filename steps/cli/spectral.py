@@ -29,16 +29,22 @@ def spectral(
         help="Regex: skip matching matrices (repeatable).")] = None,
     conv_slices: Annotated[bool, typer.Option(
         help="One row per conv kernel slice instead of the pooled ESD.")] = False,
+    randomize: Annotated[bool, typer.Option(
+        help="Correlation traps (WeightWatcher's randomize): ESD of a shuffled copy of each "
+        "matrix: lambda_max_rand, num_traps, rand_distance.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute.")] = False,
     store: StoreOption = None,
 ) -> None:
     """Measure every weight matrix's eigenvalue spectrum: alpha, norms, rank, warnings."""
     the_store = open_store(store)
     params = {"estimator": estimator, "device": device, "include": include,
-              "exclude": exclude, "conv_slices": conv_slices}
+              "exclude": exclude, "conv_slices": conv_slices, "randomize": randomize}
     _, result = run_and_report("spectral", params, {"model": input_ref(the_store, model, "model")},
                                store, use_cache=not no_cache, progress=True)
-    print_spectral_summary(read_output(the_store, result.outputs["metrics"].digest, output))
+    metrics = read_output(the_store, result.outputs["metrics"].digest, output)
+    print_spectral_summary(metrics)
+    if randomize:
+        print_traps(metrics)
     if output:
         console.print(f"metrics: {output}")
     if plots and "plots" in result.outputs:
@@ -63,3 +69,11 @@ def print_spectral_summary(metrics) -> None:
                   f"{summary['mean_alpha_weighted']:.3f}; {summary['num_over_trained']} "
                   f"over-trained (alpha < 2), {summary['num_under_trained']} under-trained "
                   f"(alpha > 6)")
+
+
+def print_traps(metrics) -> None:
+    """The matrices whose shuffled copy has eigenvalues beyond the MP bulk."""
+    trapped = [(row["name"], row["num_traps"]) for row in metrics.to_pylist()
+               if row["num_traps"]]
+    console.print(f"correlation traps: {len(trapped)}/{metrics.num_rows} matrices"
+                  + "".join(f"\n  {name}: {count}" for name, count in trapped))

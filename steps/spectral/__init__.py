@@ -77,6 +77,8 @@ def analyze(
     workers: int | None = None,
     progress: bool | Progress = False,
     return_esd: bool = False,
+    randomize: bool = False,
+    seed: int = 0,
 ) -> pa.Table | tuple[pa.Table, pa.Table]:
     """Per-matrix ESD metrics of a model, one row per weight matrix (SCHEMA).
 
@@ -98,6 +100,9 @@ def analyze(
     progress: True for a progress bar, or a callback(done, total, name).
     return_esd: also return the eigenvalues, as (metrics, esd) where esd has
         ESD_SCHEMA: layer_id, name, slice_id, evals (ascending, scaled as analysed).
+    randomize: also the correlation-trap columns of an element-wise shuffled copy of
+        each matrix (lambda_max_rand, num_traps, rand_distance; see steps.spectral.traps),
+        shuffled with numpy RandomState(seed).
 
     Skipped matrices have no row; their names and reasons are in the schema
     metadata (b"tailwise.skipped", JSON), next to the options (b"tailwise.options").
@@ -110,6 +115,9 @@ def analyze(
         raise SpectralError(
             f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}"
         )
+    if randomize and conv_slices:
+        raise SpectralError("randomize shuffles whole matrices: use pooled conv ESDs "
+                            "(conv_slices=False)")
     options = _Options(estimator, hill_k, small_n_fit, conv_slices, resolve_device(device))
     source = open_weights(model_or_path)
     infos = source.infos()
@@ -135,6 +143,10 @@ def analyze(
             "tailwise.skipped": json.dumps(skipped),
         }
     )
+    if randomize:
+        from steps.spectral.traps import append_trap_columns
+
+        metrics = append_trap_columns(metrics, source, selected, [e for _, e in results], seed)
     if not return_esd:
         return metrics
     esd = pa.Table.from_pylist(

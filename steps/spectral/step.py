@@ -32,6 +32,9 @@ class SpectralParams(BaseModel):
     max_n: int | None = Field(50_000, ge=1)
     conv_slices: bool = Field(False, description="One row per conv kernel slice.")
     plots: bool = Field(True, description="Draw the alpha-vs-depth and ESD plots.")
+    randomize: bool = Field(False, description="Correlation traps: ESD of a shuffled copy "
+                            "(lambda_max_rand, num_traps, rand_distance).")
+    seed: int = Field(0, ge=0, description="randomize: seed of the shuffles.")
 
 
 def spectral(ctx: StepContext, params: SpectralParams, inputs: dict[str, Path]) -> dict:
