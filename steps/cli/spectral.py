@@ -32,15 +32,26 @@ def spectral(
     randomize: Annotated[bool, typer.Option(
         help="Correlation traps (WeightWatcher's randomize): ESD of a shuffled copy of each "
         "matrix: lambda_max_rand, num_traps, rand_distance.")] = False,
+    base: Annotated[str | None, typer.Option(
+        help="Base model (dir, file or digest): analyse the fine-tune's delta W - W_base per "
+        "matrix. A PEFT LoRA adapter dir as MODEL analyses B A per adapted matrix.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute.")] = False,
     store: StoreOption = None,
 ) -> None:
     """Measure every weight matrix's eigenvalue spectrum: alpha, norms, rank, warnings."""
+    from steps.spectral.delta import check_base, is_adapter_dir
+
+    if base is not None:
+        check_base(model, base)  # another architecture: refused before anything is stored
     the_store = open_store(store)
+    inputs = {"model": input_ref(the_store, model,
+                                 "lora-adapter" if is_adapter_dir(model) else "model")}
+    if base is not None:
+        inputs["base"] = input_ref(the_store, base, "model")
     params = {"estimator": estimator, "device": device, "include": include,
               "exclude": exclude, "conv_slices": conv_slices, "randomize": randomize}
-    _, result = run_and_report("spectral", params, {"model": input_ref(the_store, model, "model")},
-                               store, use_cache=not no_cache, progress=True)
+    _, result = run_and_report("spectral", params, inputs, store, use_cache=not no_cache,
+                               progress=True)
     metrics = read_output(the_store, result.outputs["metrics"].digest, output)
     print_spectral_summary(metrics)
     if randomize:

@@ -39,7 +39,8 @@ class SpectralParams(BaseModel):
 
 def spectral(ctx: StepContext, params: SpectralParams, inputs: dict[str, Path]) -> dict:
     options = params.model_dump(exclude={"plots"})
-    metrics, esd = analyze(inputs["model"], **options, progress=ctx.progress, return_esd=True)
+    metrics, esd = analyze(inputs["model"], **options, base=inputs.get("base"),
+                           progress=ctx.progress, return_esd=True)
     digest = ctx.input_digests.get("model", "")
     metrics = metrics.append_column("model_digest", pa.array([digest] * metrics.num_rows))
     outputs = {
@@ -60,4 +61,5 @@ def write_table(table: pa.Table, path: Path, kind: str) -> Output:
     return Output(path, kind, "application/vnd.apache.parquet")
 
 
-STEP = Step(name="spectral", version="1", params=SpectralParams, inputs=("model",), fn=spectral)
+STEP = Step(name="spectral", version="1", params=SpectralParams, inputs=("model",), fn=spectral,
+            optional_inputs=("base",))
