@@ -119,8 +119,11 @@ def load_tasks(names: list[str], task_dir: str | os.PathLike[str] | None = None)
     if local and not local[0].is_dir():
         raise ZeroShotError(f"task dir {task_dir} is not a directory")
     with quiet_lm_eval():
-        manager = TaskManager(include_path=[*_lm_eval_folders_naming(names), SHIPPED_TASKS,
-                                            *local], include_defaults=False)
+        manager = TaskManager(include_path=[SHIPPED_TASKS, *local], include_defaults=False)
+        others = [name for name in names if name not in manager.task_index]
+        if others:  # lm-eval's own tasks; the user's and tailwise's take precedence
+            manager = TaskManager(include_path=[*_lm_eval_folders_naming(others),
+                                                SHIPPED_TASKS, *local], include_defaults=False)
         return {name: _load_task(manager, name, task_dir) for name in names}
 
 

@@ -118,3 +118,22 @@ def test_cli_bad_tasks_exit_2_in_one_line_and_write_nothing(tmp_path) -> None:
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], done.stderr
     assert not store.exists() or not any(store.rglob("*"))
+
+
+def test_compressed_weights_give_the_dense_model_s_accuracy(tmp_path) -> None:
+    """tailwise's loader reads the bitmask format; lm-eval sees the same pruned model."""
+    from steps.core.factory import build_model, byte_tokenizer, save_hf
+    from steps.core.sparse_format import SPARSE_WEIGHTS_FILE, compress_dir
+    from steps.evaluate.zeroshot import zero_shot_dir
+
+    model = build_model("tiny-llama", seed=0)
+    with torch.no_grad():  # half of every block matrix zeroed, as pruning leaves it
+        for name, parameter in model.named_parameters():
+            if name.startswith("model.layers.") and parameter.ndim == 2:
+                parameter[:, ::2] = 0
+    dense = save_hf(model, byte_tokenizer(), tmp_path / "dense")
+    packed = save_hf(model, byte_tokenizer(), tmp_path / "packed")
+    compress_dir(packed)
+    assert (packed / SPARSE_WEIGHTS_FILE).is_file()
+    rows = [zero_shot_dir(path, [TASK], limit=8, device="cpu") for path in (dense, packed)]
+    assert rows[0] == rows[1] and rows[0][0]["examples"] == 8
