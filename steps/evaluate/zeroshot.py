@@ -62,10 +62,15 @@ def run_tasks(model: nn.Module, tokenizer, tasks: dict, *, limit: int | None = N
     """`zero_shot` on tasks already loaded (`load_tasks`)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size)
     with torch.no_grad(), quiet_lm_eval():
+        # The tasks are built already; without a manager of its own lm-eval would index
+        # all of its task files (~40 s) before looking at them.
+        manager = TaskManager(include_path=SHIPPED_TASKS, include_defaults=False)
         results = simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit,
+                                  task_manager=manager,
                                   num_fewshot=0, log_samples=False, random_seed=seed,
                                   numpy_random_seed=seed, torch_random_seed=seed,
                                   fewshot_random_seed=seed)
