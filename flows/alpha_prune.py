@@ -29,6 +29,23 @@ class PruneSetup(BaseModel):
     text_chars: int | None = Field(200_000, gt=0, description="Characters of KJV text kept "
                                    "for calibration and evaluation (None: all).")
     eval_windows: int | None = Field(16, ge=1, description="Evaluation windows (None: all).")
+    tasks: list[str] = Field(default_factory=list, description="Zero-shot tasks (lm-eval), "
+                             "e.g. kjv_next_verse (shipped, offline), boolq, arc_easy, ...")
+    task_dir: str | None = Field(None, description="Directory of lm-eval task YAML + JSONL "
+                                 "files, or its artifact digest.")
+    limit: int | None = Field(None, ge=1, description="Zero-shot: first examples per task.")
+
+    def evaluate_params(self) -> dict:
+        """The evaluate step's params shared by every model the flow compares."""
+        return {"seqlen": self.seqlen, "max_windows": self.eval_windows, "tasks": self.tasks,
+                "limit": self.limit}
+
+    def evaluate_inputs(self, run: FlowRun, model: str, text: str) -> dict:
+        """The evaluate step's inputs: the model, the test text and the task dir if any."""
+        inputs = {"model": model, "text": text}
+        if self.task_dir is not None:
+            inputs["tasks"] = run.source(self.task_dir, "zeroshot-tasks")
+        return inputs
 
 
 class AlphaPruneParams(PruneSetup):
@@ -48,9 +65,9 @@ def alpha_prune(params: AlphaPruneParams = AlphaPruneParams(),
         spectral = run.submit("spectral", {"estimator": params.estimator, "plots": False},
                               {"model": model})
         text = {split: future.result().digests()["text"] for split, future in texts.items()}
-        evaluate = {"seqlen": params.seqlen, "max_windows": params.eval_windows}
+        evaluate = params.evaluate_params()
         evaluations = {"dense": run.submit("evaluate", evaluate | {"name": "dense"},
-                                           {"model": model, "text": text["test"]},
+                                           params.evaluate_inputs(run, model, text["test"]),
                                            label="evaluate-dense")}
         metrics = spectral.result().digests()["metrics"]
         decisions = {name: run.submit("allocate", allocation, {"metrics": metrics},
@@ -65,13 +82,14 @@ def alpha_prune(params: AlphaPruneParams = AlphaPruneParams(),
                   for name, future in decisions.items()}
         for name, future in pruned.items():
             evaluations[name] = run.submit("evaluate", evaluate | {"name": name},
-                                           {"model": future.result().digests()["model"],
-                                            "text": text["test"]}, label=f"evaluate-{name}")
-        rows = [comparison_row(run, name, future.result().digests()["evaluation"])
+                                           params.evaluate_inputs(
+                                               run, future.result().digests()["model"],
+                                               text["test"]), label=f"evaluate-{name}")
+        rows = [comparison_row(run, name, future.result().digests())
                 for name, future in evaluations.items()]
     create_table_artifact(rows, key="alpha-prune-comparison",
                           description=f"{params.method} at {params.sparsity:.0%} on "
-                          f"{params.model}: perplexity by allocation")
+                          f"{params.model}: perplexity (and zero-shot accuracy) by allocation")
     return rows
 
 
@@ -84,9 +102,17 @@ def allocations(params: AlphaPruneParams) -> dict[str, dict]:
     }
 
 
-def comparison_row(run: FlowRun, allocation: str, evaluation: str) -> dict:
-    """The evaluation artifact's row, labelled by allocation, with its digest."""
-    path = run.store.get(evaluation, run.scratch / f"{evaluation}.parquet")
-    row = pq.read_table(path).to_pylist()[0]
-    return {"allocation": allocation, "perplexity": row["perplexity"],
-            "sparsity": row["sparsity"], "evaluation": evaluation}
+def comparison_row(run: FlowRun, allocation: str, outputs: dict[str, str]) -> dict:
+    """The evaluation's row, labelled by allocation, with its digest; then each zero-shot
+    task's accuracy (`<task> acc`, `<task> acc_norm`) when tasks were evaluated."""
+    evaluation = outputs["evaluation"]
+    row = read_table(run, evaluation)[0]
+    compared = {"allocation": allocation, "perplexity": row["perplexity"],
+                "sparsity": row["sparsity"]}
+    for task in read_table(run, outputs["zeroshot"]) if "zeroshot" in outputs else []:
+        compared |= {f"{task['task']} {metric}": task[metric] for metric in ("acc", "acc_norm")}
+    return compared | {"evaluation": evaluation}
+
+
+def read_table(run: FlowRun, digest: str) -> list[dict]:
+    return pq.read_table(run.store.get(digest, run.scratch / f"{digest}.parquet")).to_pylist()

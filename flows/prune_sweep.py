@@ -50,9 +50,10 @@ def prune_sweep(params: PruneSweepParams = PruneSweepParams(),
         spectral = run.submit("spectral", {"estimator": params.estimator, "plots": False},
                               {"model": model})
         text = {split: future.result().digests()["text"] for split, future in texts.items()}
-        evaluate = {"seqlen": params.seqlen, "max_windows": params.eval_windows}
+        evaluate = params.evaluate_params()
         dense = run.submit("evaluate", evaluate | {"name": "dense"},
-                           {"model": model, "text": text["test"]}, label="evaluate-dense")
+                           params.evaluate_inputs(run, model, text["test"]),
+                           label="evaluate-dense")
         decisions = allocations(run, params, spectral.result().digests()["metrics"], model,
                                 text["train"])
         cells = list(product(params.sparsities, params.methods))
@@ -62,15 +63,16 @@ def prune_sweep(params: PruneSweepParams = PruneSweepParams(),
                                     "calibration": text["train"]}, label=cell_label("prune", cell))
                   for cell in cells}
         evaluations = {cell: run.submit("evaluate", evaluate | {"name": cell_label("", cell)},
-                                        {"model": future.result().digests()["model"],
-                                         "text": text["test"]},
+                                        params.evaluate_inputs(
+                                            run, future.result().digests()["model"],
+                                            text["test"]),
                                         label=cell_label("evaluate", cell))
                        for cell, future in pruned.items()}
         rows = [row(run, params.policy, None, "dense", dense)]
         rows += [row(run, params.policy, *cell, future) for cell, future in evaluations.items()]
     create_table_artifact(rows, key="prune-sweep-comparison",
                           description=f"{params.policy} allocation on {params.model}: "
-                          f"perplexity by sparsity and method")
+                          f"perplexity (and zero-shot accuracy) by sparsity and method")
     return rows
 
 
@@ -97,6 +99,7 @@ def cell_label(prefix: str, cell: tuple[float, str]) -> str:
 
 def row(run: FlowRun, policy: str, target: float | None, method: str,
         evaluation: StepFuture) -> dict:
-    """One line of the comparison: the cell, then its evaluation (perplexity, sparsity)."""
-    measured = comparison_row(run, policy, evaluation.result().digests()["evaluation"])
+    """One line of the comparison: the cell, then its evaluation (perplexity, sparsity,
+    zero-shot accuracy)."""
+    measured = comparison_row(run, policy, evaluation.result().digests())
     return {"method": method, "target_sparsity": target, **measured}

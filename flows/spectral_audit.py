@@ -3,7 +3,8 @@
 Each model's spectrum is measured (all at once on a parallel `settings.executor`);
 consecutive models are compared layer by layer, and the first is compared with the last
 model of the previous audit of the same name (a store ref `audit/<name>`), so a nightly
-schedule reports what moved since last night.
+schedule reports what moved since last night. With `randomize`, each spectrum also has
+the correlation-trap columns and the drift tables flag layers with new traps.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class AuditParams(BaseModel):
                       description="Audit name: the next audit of this name compares with it.")
     estimator: str = Field("ks", description="Power-law fit: ks, alpha_peak, hill.")
     threshold: float = Field(0.5, gt=0, description="Flag layers whose alpha moved more.")
+    randomize: bool = Field(False, description="Also measure correlation traps (shuffled "
+                            "ESDs) and flag layers with new ones.")
 
 
 @flow(name="spectral_audit", log_prints=True)
@@ -32,7 +35,9 @@ def spectral_audit(params: AuditParams, settings: RunSettings = RunSettings()) -
         ref = f"audit/{params.name}"
         previous = run.store.get_ref(ref)
         # Every model's spectrum at once (settings.executor), then every comparison at once.
-        spectra = [run.submit("spectral", {"estimator": params.estimator, "plots": False},
+        spectral = {"estimator": params.estimator, "plots": False,
+                    "randomize": params.randomize}
+        spectra = [run.submit("spectral", spectral,
                               {"model": run.source(model, "model")}, label=f"spectral-{index}")
                    for index, model in enumerate(params.models)]
         metrics = [future.result().digests()["metrics"] for future in spectra]

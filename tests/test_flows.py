@@ -32,7 +32,7 @@ def checkpoints(tmp_path):
 def test_audit_flags_moved_layers_and_compares_with_the_previous_audit(tmp_path, checkpoints,
                                                                        prefect_api):
     settings = RunSettings(store=str(tmp_path / "store"), tracking=False)
-    params = AuditParams(models=list(checkpoints), name="run-1", threshold=0.5)
+    params = AuditParams(models=list(checkpoints), name="run-1", threshold=0.5, randomize=True)
     first = spectral_audit(params, settings)
     assert first["previous"] is None and len(first["drifts"]) == 1
     store = open_store(settings.store)
@@ -40,11 +40,16 @@ def test_audit_flags_moved_layers_and_compares_with_the_previous_audit(tmp_path,
     flagged = [n for n, f in zip(drift["name"].to_pylist(), drift["flagged"].to_pylist(),
                                  strict=True) if f]
     assert flagged == [CHANGED]
+    # The heavy-tailed layer's few huge entries are correlation traps once shuffled.
+    trapped = [n for n, f in zip(drift["name"].to_pylist(), drift["new_traps"].to_pylist(),
+                                 strict=True) if f]
+    assert trapped == [CHANGED]
 
     again = spectral_audit(params.model_copy(update={"models": [checkpoints[1]]}), settings)
     assert again["previous"] == first["metrics"][-1] and len(again["drifts"]) == 1
     same = pq.read_table(store.get(again["drifts"][0], tmp_path / "again.parquet"))
     assert not any(same["flagged"].to_pylist()) and same.num_rows == drift.num_rows
+    assert not any(same["new_traps"].to_pylist())
 
 
 def test_alpha_prune_runs_both_allocations_and_reruns_cached(tmp_path, prefect_api):
@@ -53,7 +58,8 @@ def test_alpha_prune_runs_both_allocations_and_reruns_cached(tmp_path, prefect_a
 
     settings = RunSettings(store=str(tmp_path / "store"), tracking=False)
     params = AlphaPruneParams(model="tiny-llama", sparsity=0.5, nsamples=2, seqlen=64,
-                              text_chars=20_000, eval_windows=2)
+                              text_chars=20_000, eval_windows=2, tasks=["kjv_next_verse"],
+                              limit=4)
     rows = alpha_prune(params, settings)
     by_name = {row["allocation"]: row for row in rows}
     assert set(by_name) == {"dense", "uniform", "alphapruning"}
@@ -61,6 +67,8 @@ def test_alpha_prune_runs_both_allocations_and_reruns_cached(tmp_path, prefect_a
     for name in ("uniform", "alphapruning"):
         assert 0.3 < by_name[name]["sparsity"] < 0.6
         assert by_name[name]["perplexity"] > 0
+    for row in rows:  # 4 examples of the shipped zero-shot task: accuracy in quarters
+        assert row["kjv_next_verse acc"] in (0, 0.25, 0.5, 0.75, 1)
     graph = upstream(open_store(settings.store), by_name["alphapruning"]["evaluation"])
     made = {m.step: m for m in graph.steps.values()}
     assert {"build_model", "build_text", "spectral", "allocate", "prune", "evaluate"} <= set(made)

@@ -38,20 +38,38 @@ def spectral(
     farms_q: Annotated[float, typer.Option(help="FARMS window columns / rows.")] = 1.0,
     farms_ops: Annotated[int, typer.Option(
         help="FARMS window positions per side (at most ops x ops windows).")] = 10,
+    randomize: Annotated[bool, typer.Option(
+        help="Correlation traps (WeightWatcher's randomize): ESD of a shuffled copy of each "
+        "matrix: lambda_max_rand, num_traps, rand_distance.")] = False,
+    base: Annotated[str | None, typer.Option(
+        help="Base model (dir, file or digest): analyse the fine-tune's delta W - W_base per "
+        "matrix. A PEFT LoRA adapter dir as MODEL analyses B A per adapted matrix.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute.")] = False,
     top: Annotated[int | None, typer.Option(
         min=1, help="Show only the N matrices of largest alpha (least trained).")] = None,
     store: StoreOption = None,
 ) -> None:
     """Measure every weight matrix's eigenvalue spectrum: alpha, norms, rank, warnings."""
+    from steps.spectral.delta import check_base, is_adapter_dir
+
+    if base is not None:
+        check_base(model, base)  # another architecture: refused before anything is stored
     the_store = open_store(store)
+    inputs = {"model": input_ref(the_store, model,
+                                 "lora-adapter" if is_adapter_dir(model) else "model")}
+    if base is not None:
+        inputs["base"] = input_ref(the_store, base, "model")
     params = {"estimator": estimator, "device": device, "include": include,
-              "exclude": exclude, "conv_slices": conv_slices, "farms": farms,
-              "farms_window": farms_window, "farms_q": farms_q, "farms_ops": farms_ops}
+              "exclude": exclude, "conv_slices": conv_slices, "randomize": randomize,
+              "farms": farms, "farms_window": farms_window, "farms_q": farms_q,
+              "farms_ops": farms_ops}
     load_step("spectral").validate(params)  # bad options fail before the model is stored
-    _, result = run_and_report("spectral", params, {"model": input_ref(the_store, model, "model")},
-                               store, use_cache=not no_cache, progress=True)
-    print_spectral_summary(read_output(the_store, result.outputs["metrics"].digest, output), top)
+    _, result = run_and_report("spectral", params, inputs, store, use_cache=not no_cache,
+                               progress=True)
+    metrics = read_output(the_store, result.outputs["metrics"].digest, output)
+    print_spectral_summary(metrics, top)
+    if randomize:
+        print_traps(metrics)
     if output:
         console.print(f"metrics: {output}")
     if plots and "plots" in result.outputs:
@@ -78,3 +96,11 @@ def print_spectral_summary(metrics, top: int | None = None) -> None:
                 f"{summary['mean_alpha_weighted']:.3f}; {summary['num_over_trained']} "
                 f"over-trained (alpha < 2), {summary['num_under_trained']} under-trained "
                 f"(alpha > 6)")
+
+
+def print_traps(metrics) -> None:
+    """The matrices whose shuffled copy has eigenvalues beyond the MP bulk."""
+    trapped = [(row["name"], row["num_traps"]) for row in metrics.to_pylist()
+               if row["num_traps"]]
+    console.print(f"correlation traps: {len(trapped)}/{metrics.num_rows} matrices"
+                  + "".join(f"\n  {name}: {count}" for name, count in trapped))

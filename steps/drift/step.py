@@ -1,4 +1,5 @@
-"""Compare two spectral metrics tables layer by layer and flag the layers that moved."""
+"""Compare two spectral metrics tables layer by layer and flag the layers that moved, and the
+layers with new correlation traps when both tables have them (spectral --randomize)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,27 @@ def layer_drift(previous: pa.Table, current: pa.Table, metric: str,
     old = np.array([before[n] for n in names], dtype=float)
     new = np.array([now[n] for n in names], dtype=float)
     delta = new - old
-    return pa.table({"name": names, "previous": old, "current": new, "delta": delta,
-                     "flagged": np.abs(delta) > threshold})
+    table = pa.table({"name": names, "previous": old, "current": new, "delta": delta,
+                      "flagged": np.abs(delta) > threshold})
+    if all(TRAPS in t.column_names for t in (previous, current)):
+        table = with_new_traps(table, previous, current)
+    return table
+
+
+TRAPS = "num_traps"
+
+
+def with_new_traps(table: pa.Table, previous: pa.Table, current: pa.Table) -> pa.Table:
+    """Trap counts before and now, and `new_traps`: more traps than before (a layer whose
+    count is unknown on either side is not flagged)."""
+    names = table["name"].to_pylist()
+    before = dict(zip(previous["name"].to_pylist(), previous[TRAPS].to_pylist(), strict=True))
+    now = dict(zip(current["name"].to_pylist(), current[TRAPS].to_pylist(), strict=True))
+    old, new = [before[n] for n in names], [now[n] for n in names]
+    grown = [a is not None and b is not None and b > a for a, b in zip(old, new, strict=True)]
+    return (table.append_column("traps_previous", pa.array(old, pa.int64()))
+            .append_column("traps_current", pa.array(new, pa.int64()))
+            .append_column("new_traps", pa.array(grown, pa.bool_())))
 
 
 def drift(ctx: StepContext, params: DriftParams, inputs: dict[str, Path]) -> dict:
@@ -41,7 +61,10 @@ def drift(ctx: StepContext, params: DriftParams, inputs: dict[str, Path]) -> dic
     path = ctx.workdir / "drift.parquet"
     pq.write_table(table, path)
     flagged = int(np.count_nonzero(table["flagged"].to_numpy(zero_copy_only=False)))
-    ctx.log_metrics({"layers_compared": table.num_rows, "layers_flagged": flagged})
+    metrics = {"layers_compared": table.num_rows, "layers_flagged": flagged}
+    if "new_traps" in table.column_names:
+        metrics["layers_with_new_traps"] = sum(table["new_traps"].to_pylist())
+    ctx.log_metrics(metrics)
     return {"drift": Output(path, "drift", "application/vnd.apache.parquet")}
 
 

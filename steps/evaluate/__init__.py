@@ -3,6 +3,7 @@
 from steps.evaluate import evaluate_model_dir, write_rows
 row = evaluate_model_dir("pruned/", perplexity_text="test.txt")
 write_rows([row], "metrics.parquet")
+rows = zero_shot(model, tokenizer, ["kjv_next_verse", "arc_easy"], limit=500)  # lm-eval
 """
 
 from steps.evaluate.metrics import (
@@ -23,15 +24,18 @@ from steps.evaluate.rows import (
     rows_table,
     write_rows,
 )
+from steps.evaluate.zeroshot import ZeroShotError, load_tasks, zero_shot, zero_shot_dir
 
 __all__ = [
     "ROW_SCHEMA",
     "EvaluationError",
+    "ZeroShotError",
     "accuracy",
     "achieved_sparsity",
     "default_seqlen",
     "evaluate_model",
     "evaluate_model_dir",
+    "load_tasks",
     "parameter_count",
     "perplexity",
     "perplexity_of_ids",
@@ -39,4 +43,6 @@ __all__ = [
     "size_on_disk",
     "tokenize_file",
     "write_rows",
+    "zero_shot",
+    "zero_shot_dir",
 ]

@@ -1,5 +1,5 @@
 """The evaluate step: model (+ text or labelled data) -> one row of metrics (perplexity or
-accuracy, sparsity, size)."""
+accuracy, sparsity, size), and zero-shot accuracy per task (lm-eval) when tasks are named."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from steps.core.step import Output, Step, StepContext
 from steps.evaluate.metrics import size_on_disk
 from steps.evaluate.rows import evaluate_model_dir, write_rows
+from steps.evaluate.zeroshot import write_zero_shot_rows, zero_shot_dir
 
 
 class EvaluateParams(BaseModel):
@@ -25,6 +26,12 @@ class EvaluateParams(BaseModel):
     max_length: int = Field(128, ge=4, description="data: tokens per example.")
     split_seed: int = Field(0, ge=0, description="data: seed of the split (files without "
                             "one) and of the subset.")
+    tasks: list[str] = Field(default_factory=list, description="Zero-shot tasks (lm-eval): "
+                             "kjv_next_verse (shipped, offline), boolq, rte, hellaswag, "
+                             "winogrande, arc_easy, arc_challenge, openbookqa, or a task of the "
+                             "'tasks' input dir.")
+    limit: int | None = Field(None, ge=1, description="Zero-shot: only the first examples of "
+                              "each task.")
 
 
 def evaluate_step(ctx: StepContext, params: EvaluateParams, inputs: dict[str, Path]) -> dict:
@@ -38,7 +45,23 @@ def evaluate_step(ctx: StepContext, params: EvaluateParams, inputs: dict[str, Pa
     ctx.log_metrics({k: row[k] for k in ("perplexity", "sparsity", "params", "size_bytes")
                      if row.get(k) is not None})
     path = write_rows([row], ctx.workdir / "evaluation.parquet")
-    return {"evaluation": Output(path, "evaluation", "application/vnd.apache.parquet")}
+    outputs = {"evaluation": Output(path, "evaluation", "application/vnd.apache.parquet")}
+    if params.tasks:
+        outputs["zeroshot"] = zero_shot_evaluation(ctx, params, inputs)
+    return outputs
+
+
+def zero_shot_evaluation(ctx: StepContext, params: EvaluateParams,
+                         inputs: dict[str, Path]) -> Output:
+    """lm-eval's accuracy per task: one Parquet row each, and MLflow metrics."""
+    rows = zero_shot_dir(inputs["model"], params.tasks, task_dir=inputs.get("tasks"),
+                         limit=params.limit, device=params.device)
+    for row in rows:
+        row["model"] = params.name
+        ctx.log_metrics({f"zeroshot_{row['task']}_{metric}": row[metric]
+                         for metric in ("acc", "acc_norm") if row[metric] is not None})
+    path = write_zero_shot_rows(rows, ctx.workdir / "zeroshot.parquet")
+    return Output(path, "zeroshot", "application/vnd.apache.parquet")
 
 
 def classifier_evaluation(ctx: StepContext, params: EvaluateParams,
@@ -59,4 +82,4 @@ def classifier_evaluation(ctx: StepContext, params: EvaluateParams,
 
 
 STEP = Step(name="evaluate", version="1", params=EvaluateParams, inputs=("model",),
-            fn=evaluate_step, optional_inputs=("text", "data"))
+            fn=evaluate_step, optional_inputs=("text", "data", "tasks"))

@@ -29,7 +29,8 @@ from steps.core.errors import TailwiseError
 from steps.core.esd import Spectrum, compute_spectra_batch
 from steps.core.farms import FarmsOptions, FarmsSpectra, farms_spectra
 from steps.core.fits import ESTIMATORS, PowerLawFit, failed_fit, fit_power_law
-from steps.core.weights import MatrixInfo, open_weights
+from steps.core.weights import MatrixInfo
+from steps.spectral.delta import open_analysed
 from steps.spectral.metrics import (
     ALPHA_COLUMNS,
     FARMS_SCHEMA,
@@ -97,6 +98,9 @@ def analyze(
     workers: int | None = None,
     progress: bool | Progress = False,
     return_esd: bool = False,
+    randomize: bool = False,
+    seed: int = 0,
+    base: torch.nn.Module | str | Path | None = None,
 ) -> pa.Table | tuple[pa.Table, pa.Table]:
     """Per-matrix ESD metrics of a model, one row per weight matrix (SCHEMA).
 
@@ -126,6 +130,12 @@ def analyze(
     progress: True for a progress bar, or a callback(done, total, name).
     return_esd: also return the eigenvalues, as (metrics, esd) where esd has
         ESD_SCHEMA: layer_id, name, slice_id, evals (ascending, scaled as analysed).
+    randomize: also the correlation-trap columns of an element-wise shuffled copy of
+        each matrix (lambda_max_rand, num_traps, rand_distance; see steps.spectral.traps),
+        shuffled with numpy RandomState(seed).
+    base: analyse W - W_base per matrix (a fine-tune's delta); a PEFT LoRA adapter
+        directory as model_or_path analyses B A per adapted matrix (steps.spectral.delta).
+        The ``analysed`` column then says which.
 
     Skipped matrices have no row; their names and reasons are in the schema
     metadata (b"tailwise.skipped", JSON), next to the options (b"tailwise.options").
@@ -138,11 +148,14 @@ def analyze(
         raise SpectralError(
             f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}"
         )
+    if randomize and conv_slices:
+        raise SpectralError("randomize shuffles whole matrices: use pooled conv ESDs "
+                            "(conv_slices=False)")
     farms_options = _farms_options(farms, conv_slices)
     options = _Options(
         estimator, hill_k, small_n_fit, conv_slices, resolve_device(device), farms_options
     )
-    source = open_weights(model_or_path)
+    source, analysed = open_analysed(model_or_path, base)
     infos = source.infos()
     selected, skipped = _select(
         infos, _patterns(include), _patterns(exclude), min_evals, max_evals, max_n, conv_slices
@@ -170,6 +183,12 @@ def analyze(
             "tailwise.skipped": json.dumps(skipped),
         }
     )
+    if randomize:
+        from steps.spectral.traps import append_trap_columns
+
+        metrics = append_trap_columns(metrics, source, selected, [e for _, e in results], seed)
+    if analysed:
+        metrics = metrics.append_column("analysed", pa.array([analysed] * metrics.num_rows))
     if not return_esd:
         return metrics
     esd = pa.Table.from_pylist(

@@ -40,13 +40,16 @@ class SpectralParams(BaseModel):
     farms_q: float = Field(DEFAULT_Q, gt=0, description="FARMS window columns / rows.")
     farms_ops: int = Field(DEFAULT_OPS, ge=2, description="FARMS window positions per side.")
     plots: bool = Field(True, description="Draw the alpha-vs-depth and ESD plots.")
+    randomize: bool = Field(False, description="Correlation traps: ESD of a shuffled copy "
+                            "(lambda_max_rand, num_traps, rand_distance).")
+    seed: int = Field(0, ge=0, description="randomize: seed of the shuffles.")
 
 
 def spectral(ctx: StepContext, params: SpectralParams, inputs: dict[str, Path]) -> dict:
     options = params.model_dump(exclude={"plots", "farms", "farms_window", "farms_q", "farms_ops"})
     farms = params.farms and FarmsOptions(params.farms_window, params.farms_q, params.farms_ops)
-    metrics, esd = analyze(inputs["model"], **options, farms=farms, progress=ctx.progress,
-                           return_esd=True)
+    metrics, esd = analyze(inputs["model"], **options, farms=farms, base=inputs.get("base"),
+                           progress=ctx.progress, return_esd=True)
     digest = ctx.input_digests.get("model", "")
     metrics = metrics.append_column("model_digest", pa.array([digest] * metrics.num_rows))
     outputs = {
@@ -75,4 +78,5 @@ def write_table(table: pa.Table, path: Path, kind: str) -> Output:
     return Output(path, kind, "application/vnd.apache.parquet")
 
 
-STEP = Step(name="spectral", version="2", params=SpectralParams, inputs=("model",), fn=spectral)
+STEP = Step(name="spectral", version="2", params=SpectralParams, inputs=("model",), fn=spectral,
+            optional_inputs=("base",))
