@@ -54,16 +54,16 @@ def spectral(
 
     if base is not None:
         check_base(model, base)  # another architecture: refused before anything is stored
-    the_store = open_store(store)
-    inputs = {"model": input_ref(the_store, model,
-                                 "lora-adapter" if is_adapter_dir(model) else "model")}
-    if base is not None:
-        inputs["base"] = input_ref(the_store, base, "model")
     params = {"estimator": estimator, "device": device, "include": include,
               "exclude": exclude, "conv_slices": conv_slices, "randomize": randomize,
               "farms": farms, "farms_window": farms_window, "farms_q": farms_q,
               "farms_ops": farms_ops}
     load_step("spectral").validate(params)  # bad options fail before the model is stored
+    the_store = open_store(store)
+    inputs = {"model": input_ref(the_store, model,
+                                 "lora-adapter" if is_adapter_dir(model) else "model")}
+    if base is not None:
+        inputs["base"] = input_ref(the_store, base, "model")
     _, result = run_and_report("spectral", params, inputs, store, use_cache=not no_cache,
                                progress=True)
     metrics = read_output(the_store, result.outputs["metrics"].digest, output)
