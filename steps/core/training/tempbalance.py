@@ -1,0 +1,330 @@
+"""TempBalance during training: per-layer learning rates from each layer's ESD alpha.
+
+    groups = layer_param_groups(model, base_lr=0.05)
+    optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    tb = TempBalance(model, optimizer, scheduler=scheduler)
+    tb.step()                       # factors from the initial weights (as the reference)
+    for epoch in range(epochs):
+        train_one_epoch(model, optimizer)
+        scheduler.step()
+        tb.step()                   # recompute alpha; lr = eta_t * factor per layer
+
+Each ``tb.step()`` recomputes the ``hill`` alpha of every balanced layer with the spectral
+step's ESD code (same-shape matrices batched on a GPU) and maps alphas to factors with the
+allocate step's TempBalance policy (METHODS.md section 2): ``linear`` onto ``lr_range`` per
+layer, or ``sigmoid`` (TB_Sigmoid) 10^phi on block means. With ``every_steps=K``, call
+``tb.step()`` after every optimiser step instead: alpha is recomputed on the first call and
+every K calls after it (``sigmoid_interval`` gives TB_Sigmoid's K).
+
+Learning rates: every param group keeps the global schedule's value eta_t in
+``group["schedule_lr"]`` and holds ``group["lr"] = eta_t * factor`` at all times. A scheduler
+passed to TempBalance is wrapped so that it always reads and writes eta_t (torch schedulers
+such as CosineAnnealingLR update the current lr recursively, so they must never see the
+factored value); the factor is applied again as soon as it returns. Changing a group's lr
+behind TempBalance's back (an unwrapped scheduler) is detected at the next ``tb.step()``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from steps.core.balance import TempBalanceOptions, lr_factors
+from steps.core.devices import resolve_device
+from steps.core.errors import TailwiseError
+from steps.core.esd import compute_spectra_batch
+from steps.core.fits import fit_power_law
+from steps.core.naming import BLOCK_PATTERN
+from steps.core.weights import MatrixInfo, module_layer_type, open_weights
+
+__all__ = [
+    "TempBalance",
+    "TempBalanceError",
+    "TempBalanceRecord",
+    "layer_param_groups",
+    "sigmoid_interval",
+]
+
+Rule = Literal["linear", "sigmoid"]
+_BATCH_BYTES = 1 << 30  # float64 bytes of same-shape matrices sent to a GPU in one call
+
+
+class TempBalanceError(TailwiseError, ValueError):
+    """TempBalance cannot run with these settings, this model or this optimiser."""
+
+
+@dataclass(frozen=True)
+class TempBalanceRecord:
+    """One ESD recomputation: alpha and lr factor per layer, in model order."""
+
+    step: int  # number of tb.step() calls so far (1 = the first)
+    alphas: dict[str, float]  # hill alpha; NaN for layers left out (not analysed) or unfittable
+    factors: dict[str, float]  # 1.0 for layers left out
+    seconds: float  # ESD + fit + mapping time
+
+
+def layer_param_groups(model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
+    """One optimiser param group per layer (Linear, Conv1d/2d, HF Conv1D, Embedding).
+
+    Parameters of other modules (BatchNorm, LayerNorm, custom weights) follow the layer
+    before them in ``named_modules`` order (those before the first layer join the first);
+    a layer's bias is in its group. Frozen and already-listed (tied) parameters are skipped,
+    so every trainable parameter is in exactly one group. Each group has ``name`` (the
+    layer's module name, as in the spectral step) and ``lr = base_lr``.
+    """
+    groups: list[dict[str, Any]] = []
+    before_first: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        params = [
+            p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen
+        ]
+        seen.update(id(p) for p in params)
+        weight = getattr(module, "weight", None)
+        if module_layer_type(module) is not None and any(p is weight for p in params):
+            groups.append({"params": params, "lr": base_lr, "name": name or type(module).__name__})
+        elif groups:
+            groups[-1]["params"].extend(params)
+        else:
+            before_first.extend(params)
+    if not groups:
+        raise TempBalanceError(
+            f"{type(model).__name__}: no trainable Linear, Conv1d/Conv2d, Conv1D or Embedding layer"
+        )
+    groups[0]["params"][:0] = before_first
+    return groups
+
+
+def sigmoid_interval(steps_per_epoch: int) -> int:
+    """TB_Sigmoid's ESD interval in optimiser steps: min(100, steps_per_epoch / 10), >= 1."""
+    return max(1, min(100, steps_per_epoch // 10))
+
+
+class TempBalance:
+    """Sets each layer's learning rate to eta_t * factor(alpha); see the module docstring.
+
+    model / optimizer: the optimiser's param groups must come from ``layer_param_groups``
+        (any torch optimiser: SGD, Adam, AdamW, ...).
+    scheduler: the global LR schedule, if any; created before TempBalance, and wrapped.
+    rule: "linear" (TB: alpha's range mapped onto lr_range) or "sigmoid" (TB_Sigmoid).
+    lr_range: (low, high) factors of the linear rule, 0 < low < high.
+    hill_k: xmin at n / hill_k of the sorted ESD; default 2 (linear) or 1.5 (sigmoid).
+    scale: s of the sigmoid rule (factors span 10^(+-s/2)).
+    by_block: factors from block means (default: True for sigmoid, False for linear).
+    every_steps: recompute every K calls of step() instead of on every call.
+    exclude_first_last / min_evals: the first and last layers, and layers whose ESD has fewer
+        eigenvalues (min side x kernel size), keep factor 1.0 and are not analysed.
+    device: where the ESD is computed; None = on each weight's own (training) device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scheduler: Any = None,
+        rule: Rule = "linear",
+        lr_range: tuple[float, float] = (0.5, 1.5),
+        hill_k: float | None = None,
+        scale: float = 1.0,
+        by_block: bool | None = None,
+        every_steps: int | None = None,
+        exclude_first_last: bool = True,
+        min_evals: int = 50,
+        device: str | None = None,
+    ):
+        self.options = _options(rule, lr_range, scale, by_block)
+        self.hill_k = float(hill_k if hill_k is not None else (2.0 if rule == "linear" else 1.5))
+        if self.hill_k < 1.0:
+            raise TempBalanceError(f"hill_k must be >= 1, got {hill_k}")
+        if every_steps is not None and every_steps < 1:
+            raise TempBalanceError(f"every_steps must be a positive integer, got {every_steps}")
+        self.model = model
+        self.optimizer = optimizer
+        self.every_steps = every_steps
+        self.device = str(resolve_device(device)) if device is not None else None
+        infos = open_weights(model).infos()
+        self.layers = [info.name for info in infos]
+        self.included = _included(infos, exclude_first_last, min_evals)
+        if not self.included.any():
+            raise TempBalanceError(
+                f"{type(model).__name__}: no layer left to balance among {len(infos)} after "
+                f"excluding first/last (={exclude_first_last}) and those with < {min_evals} "
+                "eigenvalues"
+            )
+        self._balanced_names = {self.layers[i] for i in np.flatnonzero(self.included)}
+        self.blocks = _block_ids(self.layers, self.included, self.options.blockwise)
+        self.factors = dict.fromkeys(self.layers, 1.0)
+        self.history: list[TempBalanceRecord] = []
+        self.calls = 0
+        self._groups = _named_groups(optimizer, set(self.layers))
+        for group in self._groups:
+            group["schedule_lr"] = group["lr"]
+        if scheduler is not None:
+            self._wrap(scheduler)
+
+    @property
+    def esd_seconds(self) -> float:
+        """Total time spent recomputing ESDs and factors (for the training-time overhead)."""
+        return sum(record.seconds for record in self.history)
+
+    def step(self) -> bool:
+        """Count a call; recompute alphas and factors when due; set lr = eta_t * factor.
+
+        Returns whether the ESD was recomputed. Raises TempBalanceError when a group's lr
+        was changed outside TempBalance since the last call (pass the scheduler to it).
+        """
+        self._check_untouched()
+        self.calls += 1
+        due = self.every_steps is None or (self.calls - 1) % self.every_steps == 0
+        if due:
+            self._recompute()
+        self._apply()
+        return due
+
+    def lrs(self) -> dict[str, float]:
+        """The learning rate of each param group, by layer name."""
+        return {group["name"]: group["lr"] for group in self._groups}
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _recompute(self) -> None:
+        start = time.perf_counter()
+        alphas = self._alphas()
+        balanced = self.included & np.isfinite(alphas)
+        factors = np.ones(len(self.layers))
+        if balanced.any():
+            _, factors = lr_factors(alphas, self.blocks, balanced, self.options)
+        self.factors = dict(zip(self.layers, factors.tolist(), strict=True))
+        self.history.append(
+            TempBalanceRecord(
+                step=self.calls,
+                alphas=dict(zip(self.layers, alphas.tolist(), strict=True)),
+                factors=dict(self.factors),
+                seconds=time.perf_counter() - start,
+            )
+        )
+
+    def _alphas(self) -> np.ndarray:
+        """hill alpha of every included layer (NaN elsewhere), from the current weights."""
+        source = open_weights(self.model)
+        infos = [info for info in source.infos() if info.name in self._balanced_names]
+        alphas = np.full(len(self.layers), np.nan)
+        position = {name: i for i, name in enumerate(self.layers)}
+        for batch in _same_shape_batches(infos):
+            tensors = [source.load(info) for info in batch]  # detached views, no copies
+            device = self.device or _device_of(tensors[0])
+            spectra = compute_spectra_batch(tensors, batch[0].layer_type, device=device)
+            for info, (spectrum,) in zip(batch, spectra, strict=True):
+                if spectrum.status == "ok":
+                    fit = fit_power_law(spectrum.evals, estimator="hill", hill_k=self.hill_k)
+                    alphas[position[info.name]] = fit.alpha
+        return alphas
+
+    def _apply(self) -> None:
+        for group in self._groups:
+            group["lr"] = group["schedule_lr"] * self.factors[group["name"]]
+
+    def _restore(self) -> None:
+        for group in self._groups:
+            group["lr"] = group["schedule_lr"]
+
+    def _capture(self) -> None:
+        for group in self._groups:
+            group["schedule_lr"] = group["lr"]
+
+    def _wrap(self, scheduler: Any) -> None:
+        """Make ``scheduler.step()`` read and write the unfactored schedule lr eta_t."""
+        original = scheduler.step
+
+        def step(*args: Any, **kwargs: Any) -> None:
+            self._check_untouched()
+            self._restore()
+            try:
+                original(*args, **kwargs)
+            finally:
+                self._capture()
+                self._apply()
+
+        scheduler.step = step
+
+    def _check_untouched(self) -> None:
+        for group in self._groups:
+            expected = group["schedule_lr"] * self.factors[group["name"]]
+            if group["lr"] != expected:
+                raise TempBalanceError(
+                    f"param group {group['name']!r}: lr is {group['lr']:g}, TempBalance set "
+                    f"{expected:g}; something else changed it (pass the LR scheduler as "
+                    "TempBalance(..., scheduler=...) so that it sees the global schedule)"
+                )
+
+
+def _options(
+    rule: str, lr_range: tuple[float, float], scale: float, by_block: bool | None
+) -> TempBalanceOptions:
+    if rule not in ("linear", "sigmoid"):
+        raise TempBalanceError(f"unknown rule {rule!r}; choose 'linear' or 'sigmoid'")
+    low, high = (float(v) for v in lr_range)
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
+        raise TempBalanceError(f"lr_range must be (low, high) with 0 < low < high, got {lr_range}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise TempBalanceError(f"scale must be > 0, got {scale}")
+    return TempBalanceOptions(variant=rule, lr_min=low, lr_max=high, scale=scale, by_block=by_block)
+
+
+def _included(infos: list[MatrixInfo], exclude_first_last: bool, min_evals: int) -> np.ndarray:
+    """Layers to balance: not first/last, and at least min_evals pooled eigenvalues."""
+    # Pooled ESD size, as the spectral step counts it (and the TB code's eigs_num).
+    evals = [min(info.shape[:2]) * math.prod(info.shape[2:]) for info in infos]
+    included = np.array([n >= min_evals for n in evals], dtype=bool)
+    if exclude_first_last:
+        included[[0, -1]] = False
+    return included
+
+
+def _block_ids(names: list[str], included: np.ndarray, blockwise: bool) -> np.ndarray:
+    """Block index per layer (from names like ``layers.3.``), or one group per layer."""
+    if not blockwise:
+        return np.arange(len(names))
+    matches = [BLOCK_PATTERN.search(name) for name in names]
+    missing = [n for n, m, keep in zip(names, matches, included, strict=True) if keep and not m]
+    if missing:
+        raise TempBalanceError(
+            f"by_block needs a block index in every balanced layer's name (layers.3, h.3, "
+            f"blocks.3, ...); none in {', '.join(missing[:3])}: pass by_block=False"
+        )
+    return np.array([int(m.group(1)) if m else -1 for m in matches], dtype=np.int64)
+
+
+def _named_groups(optimizer: torch.optim.Optimizer, layers: set[str]) -> list[dict[str, Any]]:
+    groups = optimizer.param_groups
+    unknown = [g.get("name") for g in groups if g.get("name") not in layers]
+    if unknown:
+        raise TempBalanceError(
+            f"optimizer param group(s) {unknown[:3]} are not layers of the model: build the "
+            "optimizer from layer_param_groups(model, lr)"
+        )
+    return groups
+
+
+def _same_shape_batches(infos: list[MatrixInfo]) -> Iterator[list[MatrixInfo]]:
+    """Runs of same (shape, layer type) matrices, each under the GPU byte budget."""
+    by_kind: dict[tuple, list[MatrixInfo]] = {}
+    for info in infos:
+        by_kind.setdefault((info.shape, info.layer_type), []).append(info)
+    for (shape, _), members in by_kind.items():
+        per_batch = max(1, _BATCH_BYTES // (8 * math.prod(shape)))
+        for start in range(0, len(members), per_batch):
+            yield members[start : start + per_batch]
+
+
+def _device_of(tensor: torch.Tensor) -> str:
+    return "cpu" if tensor.device.type == "cpu" else str(tensor.device)
