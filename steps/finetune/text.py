@@ -7,6 +7,7 @@ from steps.core.training.text import (
     LowDataSubset,
     TextDataError,
     TextDataset,
+    assign_splits,
     build_dataset,
     low_data_subset,
     read_dataset,
@@ -15,4 +16,5 @@ from steps.core.training.text import (
 )
 
 __all__ = ["DATASETS", "Example", "LowDataSubset", "TextDataError", "TextDataset",
-           "build_dataset", "low_data_subset", "read_dataset", "write_jsonl", "write_subset"]
+           "assign_splits", "build_dataset", "low_data_subset", "read_dataset", "write_jsonl",
+           "write_subset"]

@@ -1,21 +1,31 @@
 """TempBalance during training: per-layer learning rates from each layer's ESD alpha.
 
-    groups = layer_param_groups(model, base_lr=0.05)
-    optimizer = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    tb = TempBalance(model, optimizer, scheduler=scheduler)
+    tb = TempBalance(model, optimizer, scheduler=scheduler)  # regroups the optimiser per layer
     tb.step()                       # factors from the initial weights (as the reference)
     for epoch in range(epochs):
         train_one_epoch(model, optimizer)
         scheduler.step()
         tb.step()                   # recompute alpha; lr = eta_t * factor per layer
 
-Each ``tb.step()`` recomputes the ``hill`` alpha of every balanced layer with the spectral
-step's ESD code (same-shape matrices batched on a GPU) and maps alphas to factors with the
-allocate step's TempBalance policy (METHODS.md section 2): ``linear`` onto ``lr_range`` per
-layer, or ``sigmoid`` (TB_Sigmoid) 10^phi on block means. With ``every_steps=K``, call
-``tb.step()`` after every optimiser step instead: alpha is recomputed on the first call and
-every K calls after it (``sigmoid_interval`` gives TB_Sigmoid's K).
+Param groups: TempBalance sets one lr per layer, so it needs one param group per layer. An
+optimiser built over ``model.parameters()`` (one group, or groups not by layer, e.g. weight
+decay on / off) is regrouped in place: each group is split by layer (``layer_param_groups``'
+assignment), every part keeping its group's hyperparameters, and the optimiser state (keyed
+by parameter) is kept; a scheduler passed in gets its per-group lists expanded the same way.
+An optimiser built from ``layer_param_groups(model, lr)`` is used as it is.
+
+Each ``tb.step()`` recomputes the ``hill`` alpha of every balanced layer: the ESD as the
+spectral step defines it (float64 eigenvalues of the smaller Gram matrix, conv slices pooled)
+but computed by torch (``torch.linalg.eigvalsh``), same-shape matrices batched, on the
+training device. On CPU that keeps the ESD in torch's own thread pool: numpy's OpenBLAS
+threads keep spinning after each call and slowed the next training passes ~2.4x for about a
+second (bench/tempbalance.py). Alphas equal the numpy path's to ~1e-12. Factors come from
+the TempBalance rule (``steps.core.balance``, METHODS.md section 2): ``linear`` onto
+``lr_range`` per layer, or ``sigmoid`` (TB_Sigmoid) 10^phi on block means. With
+``every_steps=K``, call ``tb.step()`` after every optimiser step instead: alpha is recomputed
+on the first call and every K calls after it (``sigmoid_interval`` gives TB_Sigmoid's K).
 
 Learning rates: every param group keeps the global schedule's value eta_t in
 ``group["schedule_lr"]`` and holds ``group["lr"] = eta_t * factor`` at all times. A scheduler
@@ -40,7 +50,7 @@ from torch import nn
 from steps.core.balance import TempBalanceOptions, lr_factors
 from steps.core.devices import resolve_device
 from steps.core.errors import TailwiseError
-from steps.core.esd import compute_spectra_batch
+from steps.core.esd import eigenvalue_scale, gram_eigenvalues_batched, kernel_slices
 from steps.core.fits import fit_power_law
 from steps.core.naming import BLOCK_PATTERN
 from steps.core.weights import MatrixInfo, module_layer_type, open_weights
@@ -50,11 +60,13 @@ __all__ = [
     "TempBalanceError",
     "TempBalanceRecord",
     "layer_param_groups",
+    "pooled_esds",
+    "regroup_by_layer",
     "sigmoid_interval",
 ]
 
 Rule = Literal["linear", "sigmoid"]
-_BATCH_BYTES = 1 << 30  # float64 bytes of same-shape matrices sent to a GPU in one call
+_BATCH_BYTES = 1 << 30  # float64 bytes of same-shape matrices in one eigvalsh call
 
 
 class TempBalanceError(TailwiseError, ValueError):
@@ -111,9 +123,11 @@ def sigmoid_interval(steps_per_epoch: int) -> int:
 class TempBalance:
     """Sets each layer's learning rate to eta_t * factor(alpha); see the module docstring.
 
-    model / optimizer: the optimiser's param groups must come from ``layer_param_groups``
-        (any torch optimiser: SGD, Adam, AdamW, ...).
-    scheduler: the global LR schedule, if any; created before TempBalance, and wrapped.
+    model / optimizer: any torch optimiser (SGD, Adam, AdamW, ...) over the model's
+        parameters; regrouped per layer in place unless its groups are already named by
+        layer (``layer_param_groups``).
+    scheduler: the global LR schedule, if any, and wrapped (create it after TempBalance, or
+        pass it here).
     rule: "linear" (TB: alpha's range mapped onto lr_range) or "sigmoid" (TB_Sigmoid).
     lr_range: (low, high) factors of the linear rule, 0 < low < high.
     hill_k: xmin at n / hill_k of the sorted ESD; default 2 (linear) or 1.5 (sigmoid).
@@ -165,7 +179,9 @@ class TempBalance:
         self.factors = dict.fromkeys(self.layers, 1.0)
         self.history: list[TempBalanceRecord] = []
         self.calls = 0
-        self._groups = _named_groups(optimizer, set(self.layers))
+        if not all(group.get("name") in self.layers for group in optimizer.param_groups):
+            regroup_by_layer(optimizer, model, scheduler)
+        self._groups = optimizer.param_groups
         for group in self._groups:
             group["schedule_lr"] = group["lr"]
         if scheduler is not None:
@@ -221,11 +237,11 @@ class TempBalance:
         position = {name: i for i, name in enumerate(self.layers)}
         for batch in _same_shape_batches(infos):
             tensors = [source.load(info) for info in batch]  # detached views, no copies
-            device = self.device or _device_of(tensors[0])
-            spectra = compute_spectra_batch(tensors, batch[0].layer_type, device=device)
-            for info, (spectrum,) in zip(batch, spectra, strict=True):
-                if spectrum.status == "ok":
-                    fit = fit_power_law(spectrum.evals, estimator="hill", hill_k=self.hill_k)
+            device = self.device or str(tensors[0].device)
+            spectra = pooled_esds(tensors, batch[0].layer_type, device)
+            for info, evals in zip(batch, spectra, strict=True):
+                if evals is not None:
+                    fit = fit_power_law(evals, estimator="hill", hill_k=self.hill_k)
                     alphas[position[info.name]] = fit.alpha
         return alphas
 
@@ -304,15 +320,74 @@ def _block_ids(names: list[str], included: np.ndarray, blockwise: bool) -> np.nd
     return np.array([int(m.group(1)) if m else -1 for m in matches], dtype=np.int64)
 
 
-def _named_groups(optimizer: torch.optim.Optimizer, layers: set[str]) -> list[dict[str, Any]]:
-    groups = optimizer.param_groups
-    unknown = [g.get("name") for g in groups if g.get("name") not in layers]
-    if unknown:
-        raise TempBalanceError(
-            f"optimizer param group(s) {unknown[:3]} are not layers of the model: build the "
-            "optimizer from layer_param_groups(model, lr)"
-        )
-    return groups
+def regroup_by_layer(optimizer: torch.optim.Optimizer, model: nn.Module,
+                     scheduler: Any = None) -> None:
+    """Split the optimiser's param groups in place into one group per (group, layer).
+
+    Each part keeps its group's hyperparameters and is named by its layer (the assignment
+    of ``layer_param_groups``); the state, keyed by parameter, is untouched. A frozen
+    parameter of a group stays with that group's first part. A scheduler's per-group lists
+    (base_lrs, ...) are expanded to the new groups.
+    """
+    layer_of = {id(p): (i, g["name"]) for i, g in enumerate(layer_param_groups(model, 0.0))
+                for p in g["params"]}
+    parts: dict[tuple[int, int], dict[str, Any]] = {}  # (layer index, group index) -> group
+    for index, group in enumerate(optimizer.param_groups):
+        frozen = []
+        for p in group["params"]:
+            if id(p) in layer_of:
+                position, name = layer_of[id(p)]
+                part = parts.setdefault((position, index), {**group, "params": [], "name": name})
+                part["params"].append(p)
+            elif p.requires_grad:
+                raise TempBalanceError(
+                    f"optimizer param group {group.get('name', index)!r} holds a parameter "
+                    f"({tuple(p.shape)}) that is not a trainable parameter of the "
+                    f"{type(model).__name__} given to TempBalance")
+            else:
+                frozen.append(p)
+        if frozen:
+            first = min((key for key in parts if key[1] == index), default=None)
+            if first is None:
+                raise TempBalanceError(f"optimizer param group {group.get('name', index)!r} "
+                                       "holds only frozen parameters: leave it out")
+            parts[first]["params"].extend(frozen)
+    keys = sorted(parts)
+    origin = [index for _, index in keys]
+    optimizer.param_groups[:] = [parts[key] for key in keys]
+    if scheduler is not None:
+        _expand_per_group(scheduler, origin)
+
+
+_PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "min_lrs")  # torch schedulers'
+
+
+def _expand_per_group(scheduler: Any, origin: list[int]) -> None:
+    """Give a scheduler's per-group lists one entry per new group (its origin group's)."""
+    old_count = max(origin) + 1
+    for attribute in _PER_GROUP:
+        values = getattr(scheduler, attribute, None)
+        if isinstance(values, list) and len(values) == old_count:
+            setattr(scheduler, attribute, [values[i] for i in origin])
+
+
+def pooled_esds(tensors: list[torch.Tensor], layer_type: str,
+                device: str) -> list[np.ndarray | None]:
+    """Pooled ESD of each same-shape weight tensor (None when not finite), with torch.
+
+    The spectral step's ESD (``steps.core.esd``: float64 eigenvalues of the smaller Gram
+    matrix per kernel slice, pooled, conv2d scaled) by one batched ``torch.linalg.eigvalsh``
+    on ``device``, CPU included, so that it runs in torch's thread pool.
+    """
+    slices = [kernel_slices(t) for t in tensors]
+    todo = [i for i, t in enumerate(tensors) if bool(torch.isfinite(t).all())]
+    out: list[np.ndarray | None] = [None] * len(tensors)
+    if todo:
+        evals = gram_eigenvalues_batched(torch.cat([slices[i] for i in todo]), device)
+        scale = eigenvalue_scale(layer_type, slices[0].shape[0], per_slice=False)
+        for i, part in zip(todo, np.split(evals, len(todo)), strict=True):
+            out[i] = np.sort(part.ravel() * scale)
+    return out
 
 
 def _same_shape_batches(infos: list[MatrixInfo]) -> Iterator[list[MatrixInfo]]:
@@ -325,6 +400,3 @@ def _same_shape_batches(infos: list[MatrixInfo]) -> Iterator[list[MatrixInfo]]:
         for start in range(0, len(members), per_batch):
             yield members[start : start + per_batch]
 
-
-def _device_of(tensor: torch.Tensor) -> str:
-    return "cpu" if tensor.device.type == "cpu" else str(tensor.device)
