@@ -61,11 +61,15 @@ __all__ = [
     "TempBalanceRecord",
     "layer_param_groups",
     "pooled_esds",
+    "reference_param_groups",
     "regroup_by_layer",
     "sigmoid_interval",
 ]
 
 Rule = Literal["linear", "sigmoid"]
+Grouping = Literal["layer", "reference"]
+REST_GROUP = "rest"  # the reference grouping's group of parameters outside its layers
+_REFERENCE_TYPES = ("linear", "conv2d")  # the reference measures nn.Linear and nn.Conv2d
 _BATCH_BYTES = 1 << 30  # float64 bytes of same-shape matrices in one eigvalsh call
 
 
@@ -115,6 +119,38 @@ def layer_param_groups(model: nn.Module, base_lr: float) -> list[dict[str, Any]]
     return groups
 
 
+def reference_param_groups(model: nn.Module, base_lr: float) -> list[dict[str, Any]]:
+    """The TempBalance reference's grouping (YefanZhou/TempBalance, ``batchnorm_type="name"``).
+
+    One group per nn.Conv2d / nn.Linear layer (its own parameters); a BatchNorm2d whose name
+    with "bn" replaced by "conv" names such a layer joins that layer's group; every other
+    trainable parameter (embeddings, LayerNorm, unmatched BatchNorm, ...) is in one group
+    named ``REST_GROUP`` whose lr factor is always 1.
+    """
+    layers = {name: [] for name, module in model.named_modules()
+              if module_layer_type(module) in _REFERENCE_TYPES}
+    rest: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        params = [p for p in module.parameters(recurse=False)
+                  if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        follows = name.replace("bn", "conv") if isinstance(module, nn.BatchNorm2d) else None
+        if name in layers:
+            layers[name].extend(params)
+        elif follows in layers:
+            layers[follows].extend(params)
+        else:
+            rest.extend(params)
+    groups = [{"params": params, "lr": base_lr, "name": name}
+              for name, params in layers.items() if params]
+    if not groups:
+        raise TempBalanceError(f"{type(model).__name__}: no trainable Linear or Conv2d layer")
+    if rest:
+        groups.append({"params": rest, "lr": base_lr, "name": REST_GROUP})
+    return groups
+
+
 def sigmoid_interval(steps_per_epoch: int) -> int:
     """TB_Sigmoid's ESD interval in optimiser steps: min(100, steps_per_epoch / 10), >= 1."""
     return max(1, min(100, steps_per_epoch // 10))
@@ -136,6 +172,12 @@ class TempBalance:
     every_steps: recompute every K calls of step() instead of on every call.
     exclude_first_last / min_evals: the first and last layers, and layers whose ESD has fewer
         eigenvalues (min side x kernel size), keep factor 1.0 and are not analysed.
+    groups: "layer" (default): every Linear / Conv / Conv1D / Embedding is a layer and the
+        parameters of other modules (norms) follow the layer before them
+        (``layer_param_groups``); "reference": the TempBalance reference's grouping
+        (``reference_param_groups``): only Linear and Conv2d are layers (first and last
+        among them excluded), BatchNorm follows its conv by name, LayerNorm and the rest
+        keep the global lr.
     device: where the ESD is computed; None = on each weight's own (training) device.
     """
 
@@ -154,6 +196,7 @@ class TempBalance:
         exclude_first_last: bool = True,
         min_evals: int = 50,
         device: str | None = None,
+        groups: Grouping = "layer",
     ):
         self.options = _options(rule, lr_range, scale, by_block)
         self.hill_k = float(hill_k if hill_k is not None else (2.0 if rule == "linear" else 1.5))
@@ -165,7 +208,12 @@ class TempBalance:
         self.optimizer = optimizer
         self.every_steps = every_steps
         self.device = str(resolve_device(device)) if device is not None else None
+        if groups not in GROUPINGS:
+            raise TempBalanceError(f"unknown groups {groups!r}; choose 'layer' or 'reference'")
+        self.grouping = groups
         infos = open_weights(model).infos()
+        if groups == "reference":
+            infos = [info for info in infos if info.layer_type in _REFERENCE_TYPES]
         self.layers = [info.name for info in infos]
         self.included = _included(infos, exclude_first_last, min_evals)
         if not self.included.any():
@@ -179,8 +227,9 @@ class TempBalance:
         self.factors = dict.fromkeys(self.layers, 1.0)
         self.history: list[TempBalanceRecord] = []
         self.calls = 0
-        if not all(group.get("name") in self.layers for group in optimizer.param_groups):
-            regroup_by_layer(optimizer, model, scheduler)
+        names = set(self.layers) | ({REST_GROUP} if groups == "reference" else set())
+        if not all(group.get("name") in names for group in optimizer.param_groups):
+            regroup_by_layer(optimizer, model, scheduler, groups=groups)
         self._groups = optimizer.param_groups
         for group in self._groups:
             group["schedule_lr"] = group["lr"]
@@ -247,7 +296,10 @@ class TempBalance:
 
     def _apply(self) -> None:
         for group in self._groups:
-            group["lr"] = group["schedule_lr"] * self.factors[group["name"]]
+            group["lr"] = group["schedule_lr"] * self._factor(group)
+
+    def _factor(self, group: dict[str, Any]) -> float:
+        return self.factors.get(group["name"], 1.0)  # the reference's rest group: 1.0
 
     def _restore(self) -> None:
         for group in self._groups:
@@ -274,7 +326,7 @@ class TempBalance:
 
     def _check_untouched(self) -> None:
         for group in self._groups:
-            expected = group["schedule_lr"] * self.factors[group["name"]]
+            expected = group["schedule_lr"] * self._factor(group)
             if group["lr"] != expected:
                 raise TempBalanceError(
                     f"param group {group['name']!r}: lr is {group['lr']:g}, TempBalance set "
@@ -321,16 +373,17 @@ def _block_ids(names: list[str], included: np.ndarray, blockwise: bool) -> np.nd
 
 
 def regroup_by_layer(optimizer: torch.optim.Optimizer, model: nn.Module,
-                     scheduler: Any = None) -> None:
+                     scheduler: Any = None, *, groups: Grouping = "layer") -> None:
     """Split the optimiser's param groups in place into one group per (group, layer).
 
     Each part keeps its group's hyperparameters and is named by its layer (the assignment
-    of ``layer_param_groups``); the state, keyed by parameter, is untouched. A frozen
-    parameter of a group stays with that group's first part. A scheduler's per-group lists
-    (base_lrs, ...) are expanded to the new groups.
+    of ``layer_param_groups``, or of ``reference_param_groups`` with groups="reference");
+    the state, keyed by parameter, is untouched. A frozen parameter of a group stays with
+    that group's first part. A scheduler's per-group lists (base_lrs, ...) are expanded to
+    the new groups.
     """
-    layer_of = {id(p): (i, g["name"]) for i, g in enumerate(layer_param_groups(model, 0.0))
-                for p in g["params"]}
+    by_layer = GROUPINGS[groups](model, 0.0)
+    layer_of = {id(p): (i, g["name"]) for i, g in enumerate(by_layer) for p in g["params"]}
     parts: dict[tuple[int, int], dict[str, Any]] = {}  # (layer index, group index) -> group
     for index, group in enumerate(optimizer.param_groups):
         frozen = []
@@ -359,6 +412,7 @@ def regroup_by_layer(optimizer: torch.optim.Optimizer, model: nn.Module,
         _expand_per_group(scheduler, origin)
 
 
+GROUPINGS = {"layer": layer_param_groups, "reference": reference_param_groups}
 _PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "min_lrs")  # torch schedulers'
 
 
