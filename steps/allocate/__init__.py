@@ -1,4 +1,8 @@
-"""Allocation policies: per-layer decisions (sparsity, lr factor, experts) from a metrics table.
+"""allocate: per-layer decisions (sparsity, lr factor, experts) from a metrics table.
+
+Takes: a spectral metrics table (optionally the model and calibration text, for OWL).
+Gives: a decisions table (Parquet, one row per layer or block) and a plot of it.
+Start reading: step.py, then the policy modules (alphapruning.py, owl.py, ...).
 
 Every policy module has the same face, `allocate(metrics, options) -> pyarrow.Table`, with a
 pydantic options model; `allocate(metrics, policy, **options)` here picks one by name.

@@ -32,7 +32,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from steps.core.errors import ParamsError
-from steps.finetune.train import batches, evaluate, train, weighted_mean
+from steps.core.training import batches, evaluate, train, weighted_mean
 
 __all__ = [
     "BezierCurve",
@@ -292,7 +292,7 @@ def train_bezier(curve: BezierCurve, train_data: Batch | DataLoader, *, epochs: 
                  loss_fn: LossFn = F.cross_entropy) -> list[float]:
     """Train the bend with SGD (t ~ U(0, 1) per batch, cosine lr); returns per-epoch losses.
 
-    Seeded: batch order by ``seed`` (steps.finetune.train), t by the curve's generator.
+    Seeded: batch order by ``seed`` (steps.core.training), t by the curve's generator.
     """
     optimizer = torch.optim.SGD(curve.bend.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)

@@ -42,11 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from steps.core.errors import ParamsError
+from steps.core.training import PlainData, evaluate, plain_kind
 from steps.diagnose.cka import output_cka
 from steps.diagnose.connectivity import BezierCurve, evaluate_curve, linear_path, train_bezier
 from steps.diagnose.hessian import hessian_operator, hutchinson_trace, top_eigenvalue
-from steps.finetune.plain import PlainData, plain_kind
-from steps.finetune.train import evaluate
 
 __all__ = ["PAIR_COLUMNS", "SINGLE_COLUMNS", "FeatureError", "FeatureOptions",
            "check_same_architecture", "curve_ts", "landscape_features", "model_description"]

@@ -49,11 +49,10 @@ from torch import nn
 
 from steps.core.errors import ParamsError
 from steps.core.sparsity import density as weight_density
+from steps.core.training import PlainData, evaluate
 from steps.diagnose.cka import output_cka
 from steps.diagnose.connectivity import linear_path
 from steps.diagnose.hessian import eval_mode
-from steps.finetune.plain import PlainData
-from steps.finetune.train import evaluate
 
 __all__ = ["CELL_COLUMNS", "REGIMES", "TEMPERATURE_SIGN", "RegimeError", "Thresholds",
            "classify_cells", "density_summary", "knob_advice", "measure_cell",

@@ -162,12 +162,12 @@ def _options(params: DiagnoseParams):
 def features_row(params: DiagnoseParams, inputs: dict[str, Path]) -> dict:
     """The features row of the model input (with model_b's pair columns when given)."""
     from steps.core.factory import load_model
+    from steps.core.training import plain_data, plain_kind, training_subset
     from steps.diagnose.features import (
         check_same_architecture,
         landscape_features,
         model_description,
     )
-    from steps.finetune.plain import plain_data, plain_kind, training_subset
 
     model = load_model(inputs["model"])
     plain_kind(model)
@@ -414,9 +414,9 @@ def _numbered(inputs: dict[str, Path], prefix: str) -> list[str]:
 
 def cell_mode(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Path]) -> dict:
     from steps.core.factory import load_model
+    from steps.core.training import plain_data, plain_kind, training_subset
     from steps.diagnose.features import check_same_architecture
     from steps.diagnose.regimes import measure_cell
-    from steps.finetune.plain import plain_data, plain_kind, training_subset
 
     names = _numbered(inputs, "retrained_")
     if len(names) < 2:

@@ -1,4 +1,8 @@
-"""Evaluate step: perplexity (the pruning papers' way), accuracy, sparsity, size, one row per model.
+"""evaluate: perplexity (the pruning papers' way), accuracy, sparsity, size, one row per model.
+
+Takes: a model (and a text for perplexity, or a labelled JSONL for a classifier).
+Gives: an evaluation table (Parquet, one row per model).
+Start reading: step.py, then rows.py (language models) and classify.py (classifiers).
 
 from steps.evaluate import evaluate_model_dir, write_rows
 row = evaluate_model_dir("pruned/", perplexity_text="test.txt")

@@ -22,10 +22,9 @@ def classifier_metrics(model_dir: str | os.PathLike[str], data: str | os.PathLik
                        device: str = "cpu") -> dict[str, Any]:
     """Accuracy and mean cross-entropy on `split` (capped, stratified and seeded, at
     `max_examples`), with the parameter count; labels are matched by name to the model's."""
+    from steps.core.training import encode, evaluate_classifier, low_data_indices
+    from steps.core.training.text import read_dataset
     from steps.evaluate.metrics import parameter_count
-    from steps.finetune.hf import encode, evaluate_classifier
-    from steps.finetune.text import read_dataset
-    from steps.finetune.train import low_data_indices
 
     model, tokenizer = _load_classifier(Path(model_dir))
     dataset = read_dataset(data, seed=seed)

@@ -20,20 +20,16 @@ matrices A and B. A LoRA delta alone has rank r, i.e. r non-zero eigenvalues: fa
 50 that TempBalance needs for a power-law fit, whereas the effective weight is the matrix the
 model computes with, whose spectrum HT-SR and the TempBalance fine-tuning paper measure.
 
-Checkpoints (``checkpoint_dir/epoch-N``) hold the trainable parameters and buffers, the
-optimiser and RNG tensors (safetensors) and everything else as JSON: no pickle.
+Training is the shared loop (``steps.core.training.fit``) with the tokenised-text adapter
+(``encode``); checkpoints (``checkpoint_dir/epoch-N``) are its ``checkpoints`` module's.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,9 +40,16 @@ from torch import nn
 from steps.core.errors import TailwiseError
 from steps.core.naming import BLOCK_PATTERN
 from steps.core.pretrained import ModelLoadError, check_declared_size, first_line
+from steps.core.training import (
+    Checkpointing,
+    EpochRecord,
+    TrainHistory,
+    encode,
+    evaluate_classifier,
+    fit,
+    sigmoid_interval,
+)
 from steps.core.weights import module_layer_type
-from steps.finetune.tempbalance import TempBalance, TempBalanceRecord, sigmoid_interval
-from steps.finetune.train import weighted_mean
 
 __all__ = [
     "EpochRecord",
@@ -55,6 +58,7 @@ __all__ = [
     "FinetuneResult",
     "add_lora",
     "balance_view",
+    "encode",
     "evaluate_classifier",
     "finetune",
     "load_classifier",
@@ -62,6 +66,8 @@ __all__ = [
 ]
 
 REST_GROUP = "rest"  # not a layer name: see balance_view
+EVAL_BATCH_SIZE = 64
+FinetuneResult = TrainHistory  # records (epoch 0 first), resumed_from, seconds
 
 
 class FinetuneError(TailwiseError, ValueError):
@@ -294,83 +300,31 @@ class FinetuneConfig:
     device: str = "cpu"
 
 
-@dataclass
-class EpochRecord:
-    """One epoch's losses and, per balanced layer, the last alpha / lr factor / lr used."""
-
-    epoch: int  # 0 = the initial state (alphas from the initial weights), then 1..epochs
-    train_loss: float | None
-    val_loss: float | None
-    val_accuracy: float | None
-    alphas: dict[str, float] = field(default_factory=dict)
-    factors: dict[str, float] = field(default_factory=dict)
-    lrs: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class FinetuneResult:
-    records: list[EpochRecord]
-    resumed_from: int  # last completed epoch found in the checkpoint directory (0: fresh)
-    train_seconds: float
-    tempbalance_seconds: float
-
-
-EpochCallback = Callable[[EpochRecord], None]
 Split = tuple[list[str], np.ndarray]
 
 
 def finetune(model: nn.Module, tokenizer, view: nn.Module | None, groups: list[dict[str, Any]],
              train: Split, val: Split | None, config: FinetuneConfig, *,
-             checkpoint_dir: Path | None = None, on_epoch: EpochCallback | None = None,
-             resume_from: Path | None = None) -> FinetuneResult:
-    """Train ``model`` in place; checkpoint after every epoch; resume from the last one.
+             checkpoint_dir: Path | None = None,
+             on_epoch: Callable[[EpochRecord], None] | None = None,
+             resume_from: Path | None = None) -> TrainHistory:
+    """Train ``model`` in place with the shared loop (``steps.core.training.fit``) on the
+    tokenised texts; checkpoint after every epoch and resume from the last one.
 
     view / groups: from ``balance_view`` (TempBalance) or (None, ``plain_groups``).
     checkpoint_dir: where ``epoch-N`` checkpoints go; an existing one is resumed from.
     resume_from: a checkpoint directory to start from instead (e.g. one given as an input).
     on_epoch: called after each epoch is checkpointed (a raise there leaves the checkpoint).
     """
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    model.to(config.device)
-    optimizer = _optimizer(groups, config)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
     train_batches = encode(tokenizer, train, config.max_length)
     val_batches = encode(tokenizer, val, config.max_length) if val is not None else None
     steps_per_epoch = math.ceil(len(train[1]) / config.batch_size)
-    tb = _tempbalance(view, optimizer, scheduler, config, steps_per_epoch)
-
-    records: list[EpochRecord] = []
-    found = resume_from or (latest_checkpoint(checkpoint_dir) if checkpoint_dir else None)
-    start = time.perf_counter()
-    if found is not None:
-        records = restore_checkpoint(found, model, optimizer, scheduler, tb, generator, config)
-    else:
-        if tb is not None:
-            tb.step()
-        records.append(_record(0, None, None, None, tb, optimizer))
-    resumed_from = records[-1].epoch
-    for epoch in range(resumed_from + 1, config.epochs + 1):
-        model.train()
-        per_step = tb if tb is not None and tb.every_steps is not None else None
-        order = torch.randperm(len(train[1]), generator=generator)
-        losses = [_train_batch(model, optimizer, train_batches, idx, config.device, per_step)
-                  for idx in order.split(config.batch_size)]
-        scheduler.step()
-        if tb is not None and per_step is None:
-            tb.step()
-        train_loss = weighted_mean(losses)
-        val_loss = val_accuracy = None
-        if val_batches is not None:
-            val_loss, val_accuracy = evaluate_classifier(model, val_batches, config.device)
-        records.append(_record(epoch, train_loss, val_loss, val_accuracy, tb, optimizer))
-        if checkpoint_dir is not None:
-            save_checkpoint(checkpoint_dir, epoch, records, model, optimizer, scheduler, tb,
-                            generator, config)
-        if on_epoch is not None:
-            on_epoch(records[-1])
-    return FinetuneResult(records, resumed_from, time.perf_counter() - start,
-                          tb.esd_seconds if tb is not None else 0.0)
+    return fit(model, _optimizer(groups, config), train_batches, val_batches,
+               epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+               eval_batch_size=EVAL_BATCH_SIZE,
+               tempbalance=_tempbalance_options(config, steps_per_epoch), balance_view=view,
+               checkpoints=Checkpointing(checkpoint_dir, asdict(config), resume_from),
+               on_epoch=on_epoch, device=config.device)
 
 
 def _optimizer(groups: list[dict[str, Any]], config: FinetuneConfig) -> torch.optim.Optimizer:
@@ -380,212 +334,14 @@ def _optimizer(groups: list[dict[str, Any]], config: FinetuneConfig) -> torch.op
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _tempbalance(view, optimizer, scheduler, config: FinetuneConfig,
-                 steps_per_epoch: int) -> TempBalance | None:
+def _tempbalance_options(config: FinetuneConfig, steps_per_epoch: int) -> dict | None:
     if config.tempbalance == "none":
         return None
     every = config.tb_every_steps
     if every is None and config.tempbalance == "sigmoid":
         every = sigmoid_interval(steps_per_epoch)
-    return TempBalance(view, optimizer, scheduler=scheduler, rule=config.tempbalance,
-                       lr_range=(config.tb_low, config.tb_high), scale=config.tb_scale,
-                       every_steps=every, device=config.device)
-
-
-def _record(epoch: int, train_loss, val_loss, val_accuracy, tb: TempBalance | None,
-            optimizer: torch.optim.Optimizer) -> EpochRecord:
-    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    if tb is None or not tb.history:
-        return EpochRecord(epoch, train_loss, val_loss, val_accuracy, lrs=lrs)
-    last: TempBalanceRecord = tb.history[-1]
-    balanced = [n for n, keep in zip(tb.layers, tb.included, strict=True) if keep and n in lrs]
-    return EpochRecord(epoch, train_loss, val_loss, val_accuracy,
-                       alphas={n: last.alphas[n] for n in balanced},
-                       factors={n: last.factors[n] for n in balanced},
-                       lrs={n: lrs[n] for n in balanced})
-
-
-# ---------------------------------------------------------------- batches and eval
-
-
-@dataclass(frozen=True)
-class Encoded:
-    ids: list[list[int]]
-    labels: torch.Tensor
-    pad_id: int
-
-
-def encode(tokenizer, split: Split, max_length: int) -> Encoded:
-    """Token ids of every text (the model's own tokenizer, truncated), and the labels."""
-    texts, labels = split
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    return Encoded(ids, torch.as_tensor(labels, dtype=torch.long), int(tokenizer.pad_token_id))
-
-
-def _collate(data: Encoded, idx: torch.Tensor, device: str) -> tuple[dict, torch.Tensor]:
-    """Right-padded ids and attention mask of the chosen examples (padded to the longest)."""
-    rows = [data.ids[i] for i in idx.tolist()]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), data.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.as_tensor(row)
-        mask[i, : len(row)] = 1
-    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    return batch, data.labels[idx].to(device)
-
-
-def _train_batch(model, optimizer, data: Encoded, idx: torch.Tensor, device: str,
-                 tb: TempBalance | None) -> tuple[float, int]:
-    batch, labels = _collate(data, idx, device)
-    optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(**batch).logits, labels)
-    loss.backward()
-    optimizer.step()
-    if tb is not None:
-        tb.step()
-    return float(loss.detach()), len(idx)
-
-
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, data: Encoded, device: str = "cpu",
-                        batch_size: int = 64) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over the encoded examples."""
-    model.eval()
-    losses, hits = [], []
-    for idx in torch.arange(len(data.labels)).split(batch_size):
-        batch, labels = _collate(data, idx, device)
-        logits = model(**batch).logits
-        losses.append((float(nn.functional.cross_entropy(logits, labels)), len(idx)))
-        hits.append((float((logits.argmax(-1) == labels).float().mean()), len(idx)))
-    return weighted_mean(losses), weighted_mean(hits)
-
-
-
-
-# --------------------------------------------------------------------- checkpoints
-
-_TENSORS = "tensors.safetensors"
-_STATE = "state.json"  # written last: a checkpoint without it is incomplete
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The complete ``epoch-N`` checkpoint with the largest N under root, if any."""
-    if not root.is_dir():
-        return None
-    done = [p for p in root.glob("epoch-*") if (p / _STATE).is_file()
-            and p.name.removeprefix("epoch-").isdigit()]
-    return max(done, key=lambda p: int(p.name.removeprefix("epoch-")), default=None)
-
-
-def save_checkpoint(root: Path, epoch: int, records: list[EpochRecord], model: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, tb: TempBalance | None,
-                    generator: torch.Generator, config: FinetuneConfig) -> Path:
-    """Write ``root/epoch-N`` (via a temporary name), then drop older checkpoints."""
-    from safetensors.torch import save_file
-
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"epoch-{epoch}"
-    tmp = root / f".epoch-{epoch}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors = {f"model.{k}": v for k, v in _trained_state(model).items()}
-    optim_tensors, optim_json = _optimizer_state(optimizer)
-    tensors |= optim_tensors
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.generator"] = generator.get_state()
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
-              str(tmp / _TENSORS))
-    state = {
-        "epoch": epoch,
-        "config": asdict(config),
-        "records": [asdict(r) for r in records],
-        "optimizer": optim_json,
-        "scheduler": {k: v for k, v in scheduler.state_dict().items() if not callable(v)},
-        "tempbalance": None if tb is None else {
-            "calls": tb.calls, "factors": tb.factors,
-            "history": [asdict(r) for r in tb.history]},
-    }
-    (tmp / _STATE).write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in root.glob("epoch-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def restore_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       scheduler, tb: TempBalance | None, generator: torch.Generator,
-                       config: FinetuneConfig) -> list[EpochRecord]:
-    """Load a checkpoint into the freshly built objects; returns the epoch records so far."""
-    from safetensors.torch import load_file
-
-    try:
-        state = json.loads((path / _STATE).read_text())
-        tensors = load_file(str(path / _TENSORS))
-    except (OSError, ValueError) as exc:
-        raise FinetuneError(f"checkpoint {path}: cannot read it ({first_line(exc)})") from exc
-    saved = state["config"]
-    changed = [k for k, v in asdict(config).items() if k != "device" and saved.get(k) != v]
-    if changed:
-        raise FinetuneError(f"checkpoint {path} was made with other settings ({', '.join(changed)}"
-                            "); remove it or use the settings it was made with")
-    trained = _trained_state(model)
-    model_keys = {k.removeprefix("model.") for k in tensors if k.startswith("model.")}
-    if model_keys != set(trained):
-        raise FinetuneError(f"checkpoint {path} does not fit this model "
-                            f"({len(model_keys)} saved tensors, {len(trained)} expected)")
-    with torch.no_grad():
-        for name, value in trained.items():
-            value.copy_(tensors[f"model.{name}"])
-    _restore_optimizer(optimizer, tensors, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if tb is not None:
-        tb.calls = state["tempbalance"]["calls"]
-        tb.factors = state["tempbalance"]["factors"]
-        tb.history = [TempBalanceRecord(**r) for r in state["tempbalance"]["history"]]
-    torch.set_rng_state(tensors["rng.torch"])
-    generator.set_state(tensors["rng.generator"])
-    return [EpochRecord(**r) for r in state["records"]]
-
-
-def _trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes: trainable parameters (tied ones once) and all buffers."""
-    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return state | {n: b for n, b in model.named_buffers() if b is not None}
-
-
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimiser state as (tensors, JSON): per-parameter tensors, groups' hyperparameters."""
-    tensors, scalars = {}, {}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{i}.{key}"] = value
-            else:
-                scalars[f"{i}.{key}"] = value
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return tensors, {"groups": groups, "scalars": scalars}
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                       saved: dict) -> None:
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if len(saved["groups"]) != len(optimizer.param_groups):
-        raise FinetuneError("checkpoint: optimiser param groups differ from this model's")
-    for group, values in zip(optimizer.param_groups, saved["groups"], strict=True):
-        group.update({k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    optimizer.state.clear()
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            p = params[int(index)]
-            optimizer.state[p][name] = value.to(p.device)
-    for key, value in saved["scalars"].items():
-        index, name = key.split(".", 1)
-        optimizer.state[params[int(index)]][name] = value
+    return {"rule": config.tempbalance, "lr_range": (config.tb_low, config.tb_high),
+            "scale": config.tb_scale, "every_steps": every, "device": config.device}
 
 
 # ------------------------------------------------------------------------- saving

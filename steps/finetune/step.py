@@ -92,8 +92,8 @@ def finetune_step(ctx: StepContext, params: FinetuneParams, inputs: dict[str, Pa
         from steps.finetune.plain import finetune_plain_outputs
 
         return finetune_plain_outputs(ctx, params.model_dump(), inputs)
+    from steps.core.training.text import low_data_subset, read_dataset, write_subset
     from steps.finetune import hf
-    from steps.finetune.text import low_data_subset, read_dataset, write_subset
 
     if "experts" in inputs and params.tempbalance != "none":
         raise ParamsError("step finetune: tempbalance with experts (AlphaLoRA) is not "
@@ -171,7 +171,7 @@ def _data_path(ctx: StepContext, params: FinetuneParams, inputs: dict[str, Path]
                           "dataset param (fortunes, kjv-testament), not both or neither")
     if "data" in inputs:
         return inputs["data"]
-    from steps.finetune.text import build_dataset, write_jsonl
+    from steps.core.training.text import build_dataset, write_jsonl
 
     path = write_jsonl(build_dataset(params.dataset, seed=params.split_seed),
                        ctx.workdir / f"{params.dataset}.jsonl")
@@ -180,7 +180,7 @@ def _data_path(ctx: StepContext, params: FinetuneParams, inputs: dict[str, Path]
 
 
 def _capped(split: tuple[list[str], np.ndarray], cap: int | None, seed: int):
-    from steps.finetune.train import low_data_indices
+    from steps.core.training import low_data_indices
 
     texts, labels = split
     if cap is None or cap >= len(labels):
@@ -238,17 +238,17 @@ def _model_outputs(ctx: StepContext, model, tokenizer, mode: str) -> dict[str, O
 
 def _epoch_metrics(record) -> dict[str, float]:
     values = {"train_loss": record.train_loss, "val_loss": record.val_loss,
-              "val_accuracy": record.val_accuracy}
+              "val_accuracy": record.val_metric}
     return {k: v for k, v in values.items() if v is not None}
 
 
 def _final_metrics(result, model, tokenizer, test, config, train_examples: int) -> dict:
-    from steps.finetune.hf import encode, evaluate_classifier
+    from steps.core.training import encode, evaluate_classifier
 
     last = result.records[-1]
     metrics = {"train_examples": train_examples, "epochs": last.epoch,
                "train_loss": last.train_loss, "val_loss": last.val_loss,
-               "val_accuracy": last.val_accuracy}
+               "val_accuracy": last.val_metric}
     if test[0]:
         test_loss, test_accuracy = evaluate_classifier(
             model, encode(tokenizer, test, config.max_length), config.device)
@@ -265,7 +265,7 @@ def history_table(records) -> pa.Table:
         layers = list(r.alphas) or [None]
         for layer in layers:
             rows.append({"epoch": r.epoch, "train_loss": r.train_loss, "val_loss": r.val_loss,
-                         "val_accuracy": r.val_accuracy, "layer": layer,
+                         "val_accuracy": r.val_metric, "layer": layer,
                          "alpha": r.alphas.get(layer, float("nan")) if layer else None,
                          "lr_factor": r.factors.get(layer) if layer else 1.0,
                          "lr": r.lrs.get(layer) if layer else next(iter(r.lrs.values()))})

@@ -1,4 +1,8 @@
-"""Prune step: magnitude, Wanda and SparseGPT on any HF causal LM's decoder blocks.
+"""prune: magnitude, Wanda and SparseGPT on any HF causal LM's decoder blocks.
+
+Takes: a model (and an allocation decisions table, calibration text for Wanda/SparseGPT).
+Gives: the pruned model (HF directory) and its sparsity report.
+Start reading: step.py, then api.py (prune) and the method modules.
 
 from steps.prune import prune, save_pruned
 report = prune(model, tokenizer, method="wanda", sparsity=0.5, calibration_text=path)

@@ -1,4 +1,8 @@
-"""Spectral step: per-matrix ESD and heavy-tail (HT-SR) metrics of a model.
+"""spectral: per-matrix ESD and heavy-tail (HT-SR) metrics of a model.
+
+Takes: a model (HF directory, safetensors file or torch module).
+Gives: a metrics table (Parquet, one row per matrix) and alpha plots.
+Start reading: analyze below; the ESD and fits are steps/core/esd.py and fits.py.
 
     from steps.spectral import analyze
     metrics = analyze("path/to/model_dir")                  # pyarrow.Table

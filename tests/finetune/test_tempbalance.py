@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from steps.core.factory import build_model
+from steps.core.training.tempbalance import pooled_esds
 from steps.finetune.tempbalance import (
     TempBalance,
     TempBalanceError,
@@ -359,9 +360,99 @@ def test_bad_options(kwargs, match):
         _tb(build_model("cnn"), **kwargs)
 
 
-def test_optimizer_not_built_by_layer_param_groups():
+def test_optimizer_over_foreign_parameters_or_a_model_without_layers():
     model = build_model("cnn")
-    with pytest.raises(TempBalanceError, match="layer_param_groups"):
-        TempBalance(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    stranger = nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([*model.parameters(), stranger], lr=0.1)
+    with pytest.raises(TempBalanceError, match=r"\(3,\).*not a trainable parameter"):
+        TempBalance(model, optimizer)
     with pytest.raises(TempBalanceError, match="no trainable"):
         layer_param_groups(nn.Sequential(nn.ReLU()), 0.1)
+
+
+# --- optimisers as users write them: regrouped per layer --------------------------------
+
+
+def _epochs(model, optimizer, scheduler, tb, epochs: int = 3) -> list[dict[str, float]]:
+    """lrs per layer after the initial step and after each epoch of two training steps."""
+    tb.step()
+    lrs = [tb.lrs()]
+    for epoch in range(epochs):
+        _train_steps(model, optimizer, steps=2, seed=epoch)
+        scheduler.step()
+        tb.step()
+        lrs.append(tb.lrs())
+    return lrs
+
+
+def test_one_group_optimizer_gives_the_lrs_of_layer_param_groups():
+    from steps.finetune import TempBalance as public
+
+    assert public is TempBalance  # as users import it
+    runs = {}
+    for route in ("layer_param_groups", "parameters"):
+        model = build_model("cnn")
+        params = layer_param_groups(model, 0.1) if route == "layer_param_groups" else (
+            model.parameters())
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+        tb = TempBalance(model, optimizer, scheduler=scheduler)
+        runs[route] = (_epochs(model, optimizer, scheduler, tb), model.state_dict(), optimizer)
+    (lrs, weights, grouped), (lrs_one, weights_one, regrouped) = runs.values()
+    assert lrs_one == lrs and len(set(lrs[-1].values())) == 3  # 0.5x, 1x, 1.5x of eta_t
+    assert [g["name"] for g in regrouped.param_groups] == [g["name"] for g in
+                                                         grouped.param_groups]
+    for name, value in weights.items():  # the same training, step for step
+        torch.testing.assert_close(weights_one[name], value, rtol=0, atol=0)
+
+
+def test_regrouping_keeps_hyperparameters_and_state():
+    model = build_model("cnn")
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                   {"params": no_decay, "weight_decay": 0.0, "lr": 0.002}],
+                                  lr=0.001, betas=(0.8, 0.9))
+    _train_steps(model, optimizer)  # the optimiser already has state (moments, step)
+    state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()}
+             for p in model.parameters()}
+    tb = TempBalance(model, optimizer)
+    groups = optimizer.param_groups
+    assert {id(p) for g in groups for p in g["params"]} == set(state)
+    assert sum(len(g["params"]) for g in groups) == len(state)  # each parameter once
+    for group in groups:
+        weights = {n.endswith("weight") for n, p in model.named_parameters()
+                   if any(p is q for q in group["params"])}
+        assert len(weights) == 1  # never a mix of the two original groups
+        expected = (0.1, 0.001) if weights == {True} else (0.0, 0.002)
+        assert (group["weight_decay"], group["schedule_lr"]) == expected
+        assert group["betas"] == (0.8, 0.9) and group["name"] in tb.layers
+    for p in model.parameters():
+        for key, value in state[id(p)].items():
+            assert torch.equal(optimizer.state[p][key], value)
+    tb.step()
+    _train_steps(model, optimizer, seed=1)  # Adam continues from its moments
+
+
+def test_torch_esd_equals_the_float64_numpy_path():
+    """The in-training ESD (torch eigvalsh) against the spectral step's numpy kernel."""
+    from steps.core.esd import compute_spectra_batch
+    from steps.core.fits import fit_power_law
+
+    model = Mixed()
+    cnn = build_model("cnn")
+    _train_steps(cnn, torch.optim.SGD(cnn.parameters(), lr=0.1), steps=2)
+    tensors = [(cnn.features[0].weight, "conv2d"), (cnn.features[3].weight, "conv2d"),
+               (cnn.classifier[1].weight, "linear"), (model.attn.weight.T, "conv1d"),
+               (model.embed.weight, "embedding"), (heavy_tailed_stack([2.0]).get_submodule(
+                   "0").weight, "linear")]
+    for tensor, kind in tensors:
+        (evals,) = pooled_esds([tensor.detach()], kind, "cpu")
+        ((reference,),) = compute_spectra_batch([tensor.detach()], kind, device="cpu")
+        np.testing.assert_allclose(evals, reference.evals, rtol=1e-9, atol=1e-12 * evals.max())
+        for k in (1.5, 2.0):
+            alpha = fit_power_law(evals, estimator="hill", hill_k=k).alpha
+            expected = fit_power_law(reference.evals, estimator="hill", hill_k=k).alpha
+            assert alpha == pytest.approx(expected, rel=1e-9, abs=0)
+    nan = torch.full((20, 30), float("nan"))
+    assert pooled_esds([nan, torch.ones(20, 30)], "linear", "cpu")[0] is None
