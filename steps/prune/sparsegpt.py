@@ -8,7 +8,10 @@ its row, and the block's accumulated error updates the columns to its right.
 
 One change: where the reference prunes `<= threshold` in each 128-column block (ties and
 rounding make the layer's sparsity drift), this prunes an exact count per block, chosen so
-the running total matches the target: the layer ends at exactly its target sparsity.
+the running total matches the target: the layer ends at exactly its target sparsity, which
+the allocation policies' comparisons rely on. Checked against a float64 port of the
+reference (tests/prune/test_sparsegpt_reference.py): N:M masks identical given the same
+Hessian; unstructured masks agree on >= 99.9 % of the weights, layer-output error within 0.1 %.
 """
 
 from __future__ import annotations
