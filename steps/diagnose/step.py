@@ -109,10 +109,12 @@ class DiagnoseParams(BaseModel):
     bounds: Literal["reference", "data"] = Field("data", description="fit: threshold ranges "
                                                  "of the reference (ResNet-18 / CIFAR-10) or "
                                                  "of this zoo's features.")
-    lmc_threshold: float = Field(2.0, allow_inf_nan=False, description="regimes: an LMC "
-                                 "barrier (train error, % points) above it is regime I.")
-    cka_threshold: float = Field(0.975, ge=0.0, le=1.0, description="regimes: connected "
-                                 "cells with output CKA below it are II-A, the others II-B.")
+    lmc_threshold: float = Field(0.0, allow_inf_nan=False, description="regimes: an LMC "
+                                 "barrier (train error, % points) above it is regime I "
+                                 "(default 0: any barrier, mc < 0).")
+    cka_threshold: float | None = Field(None, ge=0.0, le=1.0, description="regimes: "
+                                        "connected cells with output CKA below it are II-A, "
+                                        "the others II-B (default: fitted from the cells).")
 
 
 # --------------------------------------------------------------------------- features
@@ -445,6 +447,7 @@ def regimes_mode(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Pat
         classify_cells,
         density_summary,
         plot_phase_map,
+        resolve_thresholds,
     )
 
     if set(inputs) != {"cells"}:
@@ -454,8 +457,9 @@ def regimes_mode(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Pat
         rows = pq.read_table(inputs["cells"]).to_pylist()
     except (OSError, pa.ArrowException) as exc:
         raise DiagnoseError(f"cells: not a Parquet table ({exc})") from exc
-    thresholds = Thresholds(params.lmc_threshold, params.cka_threshold)
-    cells = classify_cells(rows, thresholds)
+    given = Thresholds(params.lmc_threshold, params.cka_threshold)
+    cells = classify_cells(rows, given)
+    thresholds = resolve_thresholds(cells, given)  # the fitted CKA threshold, when fitted
     summary = density_summary(cells)
     plots = ctx.workdir / "plots"
     plot = plot_phase_map(cells, summary, thresholds, plots / "phase_map.png")
@@ -464,7 +468,8 @@ def regimes_mode(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Pat
     pq.write_table(pa.Table.from_pylist(cells), regimes_path)
     pq.write_table(pa.Table.from_pylist(summary), advice_path)
     ctx.log_metrics({f"cells_{name}": sum(c["regime"] == name for c in cells)
-                     for name in ("I", "II-A", "II-B")})
+                     for name in ("I", "II-A", "II-B")}
+                    | {"lmc_threshold": thresholds.lmc_barrier, "cka_threshold": thresholds.cka})
     return {"regimes": Output(regimes_path, "prunability-regimes", PARQUET),
             "advice": Output(advice_path, "prunability-advice", PARQUET),
             "phase_map": Output(plots, "plots")}
