@@ -62,8 +62,10 @@ def prune_layer(
     """Prune one layer in place to `pattern`, updating its remaining weights."""
     if stats.hessian is None:
         raise ValueError("SparseGPT needs LayerStats with a Hessian (hessian=True)")
-    weights = weight_matrix(layer).float().clone()
-    hessian = stats.hessian.clone()
+    # float64 throughout: the mask and the updates then do not depend on the thread count
+    # (MKL splits its float32 reductions by threads); the result is rounded back once.
+    weights = weight_matrix(layer).to(torch.float64, copy=True)
+    hessian = stats.hessian.to(torch.float64, copy=True)
     # Inputs that were always zero carry no information: the reference zeroes their weights.
     dead = hessian.diagonal() == 0
     hessian.diagonal()[dead] = 1
