@@ -39,7 +39,8 @@ def run(method: str, seed: int, epochs: int) -> dict[str, float]:
     data = labelled_dataset("digits", seed=seed)
     x, y = torch.from_numpy(digits_images(data.x_train)), torch.from_numpy(data.y_train)
     x_test, y_test = torch.from_numpy(digits_images(data.x_test)), torch.from_numpy(data.y_test)
-    config = EnsembleConfig(members=3, epochs=epochs, method=method, seed=seed)
+    config = EnsembleConfig(members=3, epochs=epochs, method=method, dataset="digits",
+                            seed=seed)
     ensemble = train_ensemble(lambda s: build_model("mlp", seed=s), x, y, config)
     results = corruption_metrics(ensemble.models, x_test, y_test,
                                  torch.Generator().manual_seed(seed))
