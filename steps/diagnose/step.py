@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -189,9 +190,21 @@ def features_row(params: DiagnoseParams, inputs: dict[str, Path]) -> dict:
 
 
 def diagnosis(tree, row: dict) -> dict:
-    """The tree's answer for one features row, with the comparisons that led to it."""
+    """The tree's answer for one features row, with the comparisons that led to it, and how
+    the row's features differ from the released data's (a note, and a warning, when the
+    tree was fitted on the released data: its thresholds then do not carry over)."""
+    from steps.diagnose.features import protocol_differences
+
     answer, path = tree.predict_path(row)
+    differences = protocol_differences(row)
+    note = None
+    if tree.fitted_on == "released" and differences:
+        note = ("this tree was fitted on the released MD-tree data, but these features were "
+                "computed differently: " + "; ".join(differences))
+        warnings.warn(note, stacklevel=2)
     return {"question": tree.question, "answer": answer, "shape": tree.shape,
+            "tree_fitted_on": tree.fitted_on, "features_as_released_data": not differences,
+            "feature_differences": differences, "note": note,
             "path": [{"column": c.column, "value": c.value, "threshold": c.threshold,
                       "le": c.le, "text": str(c)} for c in path],
             "features": {k: v for k, v in row.items()}, "tree": json.loads(tree.to_json())}
