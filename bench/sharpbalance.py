@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import print_provenance  # noqa: E402
 from steps.core.data import digits_images, labelled_dataset  # noqa: E402
 from steps.core.factory import build_model  # noqa: E402
 from steps.diagnose.sharpbalance import (  # noqa: E402
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    print_provenance(settings={"seeds": args.seeds, "epochs": args.epochs, "data": "digits"})
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     start = time.perf_counter()
     for method in METHODS:
