@@ -54,7 +54,13 @@ from torch import nn
 
 from steps.core.errors import ParamsError
 from steps.diagnose.cka import output_cka
-from steps.diagnose.connectivity import BezierCurve, evaluate_curve, linear_path, train_bezier
+from steps.diagnose.connectivity import (
+    BezierCurve,
+    evaluate_curve,
+    linear_path,
+    train_bezier,
+    train_bezier_reference,
+)
 from steps.diagnose.hessian import hessian_operator, hutchinson_trace, top_eigenvalue
 from steps.finetune.plain import PlainData, plain_kind
 from steps.finetune.train import evaluate
@@ -74,7 +80,7 @@ CKA_MIXUP_ALPHA = 16.0
 CKA_BATCHES = 6  # --CKA-batches 5 with its "batch_idx > num_batches" stop
 CKA_BATCH_SIZE = 128
 PAIR_COLUMNS = ("mode_connectivity_peak", "mode_connectivity", "curve_barrier", "lmc",
-                "lmc_barrier", "CKA")
+                "lmc_barrier", "CKA", "curve_schedule", "curve_epochs")
 
 
 class FeatureError(ParamsError):
@@ -89,9 +95,11 @@ class FeatureOptions:
     trace_probes: int = 32
     eigen_iterations: int = 30
     eigen_tol: float = 1e-3
-    curve_epochs: int = 10
-    curve_lr: float = 0.05
-    curve_batch_size: int = 64
+    curve_epochs: int = 10  # the reference: 50 / training fraction (costly on a CPU)
+    curve_lr: float = 0.01
+    curve_batch_size: int = 128
+    curve_weight_decay: float = 5e-4
+    curve_schedule: str = "reference"  # or "cosine": the shared trainer's cosine lr
     curve_points: int = 5  # 0, .25, .5, .75, 1 as in the reference
     line_points: int = 11
     seed: int = 0
@@ -101,6 +109,9 @@ class FeatureOptions:
                      "curve_batch_size"):
             if getattr(self, name) < 1:
                 raise FeatureError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.curve_schedule not in ("reference", "cosine"):
+            raise FeatureError(f"curve_schedule must be 'reference' or 'cosine', got "
+                               f"{self.curve_schedule!r}")
         if self.curve_points < 3 or self.line_points < 3:
             raise FeatureError(f"curve_points and line_points must be >= 3 (an interior "
                                f"point), got {self.curve_points} and {self.line_points}")
@@ -200,8 +211,14 @@ def protocol_differences(row: dict) -> list[str]:
         out.append(f"hessian_t and CKA average over {seeds} seed(s); the released data over "
                    f"{REFERENCE_SEEDS}")
     if "mode_connectivity_peak" in row:
-        out.append("the Bezier bend trains with a cosine lr; the released data's with a "
-                   "step-down schedule (1 -> 0.01), 50 / fraction epochs, batch 128, l2 5e-4")
+        schedule, epochs = row.get("curve_schedule"), row.get("curve_epochs")
+        fraction = float(row.get("fraction", 1.0))
+        if schedule != "reference":
+            out.append(f"the Bezier bend trained with a {schedule} lr; the released data's "
+                       "with the step-down schedule, batch 128, l2 5e-4")
+        if epochs != round(50 / fraction):
+            out.append(f"the Bezier bend trained {epochs} epochs; the released data's "
+                       f"50 / fraction = {round(50 / fraction)}")
     out.append(f"a {row.get('model_kind', 'plain')} model on {row.get('dataset', 'its data')}; "
                "the released data: ResNet-18 on CIFAR-10")
     return out
@@ -213,14 +230,17 @@ def pair_features(model: nn.Module, model_b: nn.Module, train: Batch,
     check_same_architecture(model, model_b)
     bn_data = train if _has_batchnorm(model) else None
     curve = BezierCurve(model, model_b, seed=options.seed)
-    train_bezier(curve, train, epochs=options.curve_epochs, lr=options.curve_lr,
-                 batch_size=options.curve_batch_size, seed=options.seed)
+    fit = train_bezier_reference if options.curve_schedule == "reference" else train_bezier
+    fit(curve, train, epochs=options.curve_epochs, lr=options.curve_lr,
+        weight_decay=options.curve_weight_decay, batch_size=options.curve_batch_size,
+        seed=options.seed)
     on_curve = evaluate_curve(curve, train, ts=curve_ts(options.curve_points), bn_data=bn_data)
     line = linear_path(model, model_b, train, points=options.line_points, bn_data=bn_data)
     ends = (on_curve.errors[0] + on_curve.errors[-1]) / 2
     return {"mode_connectivity_peak": on_curve.peak, "mode_connectivity": on_curve.mc,
             "curve_barrier": -on_curve.peak - ends, "lmc": line.mc, "lmc_barrier": -line.mc,
-            "CKA": ordered_pair_cka(model, model_b, train[0], options.seed)}
+            "CKA": ordered_pair_cka(model, model_b, train[0], options.seed),
+            "curve_schedule": options.curve_schedule, "curve_epochs": options.curve_epochs}
 
 
 def landscape_features(model: nn.Module, data: PlainData, train: Batch, *,

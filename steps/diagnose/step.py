@@ -94,9 +94,15 @@ class DiagnoseParams(BaseModel):
     hessian_samples: int = Field(200, ge=1, description="Training samples of the Hessian.")
     trace_probes: int = Field(32, ge=2, description="Hutchinson probes.")
     eigen_iterations: int = Field(30, ge=1, description="Power iterations (top eigenvalue).")
-    curve_epochs: int = Field(10, ge=1, description="Epochs training the Bezier bend.")
-    curve_lr: float = Field(0.05, gt=0.0, description="SGD lr of the bend.")
-    curve_batch_size: int = Field(64, ge=1)
+    curve_epochs: int = Field(10, ge=1, description="Epochs training the Bezier bend (the "
+                              "released data: 50 / fraction).")
+    curve_lr: float = Field(0.01, gt=0.0, description="SGD lr of the bend (reference 0.01).")
+    curve_batch_size: int = Field(128, ge=1)
+    curve_weight_decay: float = Field(5e-4, ge=0.0, description="l2 on the curve's point "
+                                      "(reference) or SGD weight decay (cosine).")
+    curve_schedule: Literal["reference", "cosine"] = Field(
+        "reference", description="Bend training: the reference's step-down lr and l2 penalty, "
+        "or the shared trainer's cosine lr.")
     curve_points: int = Field(5, ge=3, description="Points on the curve, 0 to 1.")
     line_points: int = Field(11, ge=3, description="Points on the straight line (LMC).")
     seed: int = Field(0, ge=0, description="Seed of probes, Hessian subset and curve.")
@@ -158,6 +164,8 @@ def _options(params: DiagnoseParams):
                           eigen_iterations=params.eigen_iterations,
                           curve_epochs=params.curve_epochs, curve_lr=params.curve_lr,
                           curve_batch_size=params.curve_batch_size,
+                          curve_weight_decay=params.curve_weight_decay,
+                          curve_schedule=params.curve_schedule,
                           curve_points=params.curve_points, line_points=params.line_points,
                           seed=params.seed)
 
