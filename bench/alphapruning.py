@@ -45,6 +45,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import print_provenance  # noqa: E402
+from steps.allocate.owl import calibration_budget, calibration_note, with_calibration  # noqa: E402
 from steps.core.blocks import (  # noqa: E402
     DEFAULT_BATCH_TOKENS,
     find_blocks,
@@ -273,7 +275,8 @@ def block_metrics(bench: Bench):
     prefix = re.escape(find_blocks(bench.model).prefix)
     alphas = analyze(bench.model, estimator="alpha_peak", include=rf"^{prefix}\.", device="cpu")
     outliers = outlier_ratios(bench.model, bench.calibration_ids, device=bench.args.device)
-    return alphas.select(["name", "alpha", "N", "M"]), outliers
+    samples, seqlen = bench.calibration_ids.shape
+    return alphas.select(["name", "alpha", "N", "M"]), with_calibration(outliers, samples, seqlen)
 
 
 def allocation_for(policy: str, sparsity: float, alphas, outliers):
@@ -287,9 +290,12 @@ def allocation_for(policy: str, sparsity: float, alphas, outliers):
     return {"allocation": allocate(alphas, "alphapruning", sparsity=sparsity, epsilon=EPSILON)}
 
 
-def print_table(results: dict, dense: float, sparsities: list[float]) -> None:
+def print_table(results: dict, dense: float, sparsities: list[float], owl_note: str | None
+                ) -> None:
     header = f"{'method':<10} {'allocation':<13}" + "".join(f"{s:>12.0%}" for s in sparsities)
     print(f"\nperplexity on held-out KJV text (dense: {dense:.2f})")
+    if owl_note:
+        print(f"owl: {owl_note}")
     print(header)
     print("-" * len(header))
     for method in METHODS:
@@ -489,6 +495,12 @@ def main() -> None:
         f"(papers: 128 x 2048 of C4); evaluation: {args.eval_windows} x {args.eval_seqlen} "
         f"tokens of KJV test text; device {args.device}, {args.threads} torch thread(s)"
     )
+    print_provenance(model=bench.path, texts={"calibration": bench.calibration_text,
+                                              "evaluation": kjv_splits()["test"]},
+                     settings={"nsamples": args.nsamples, "seqlen": args.seqlen,
+                               "batch_tokens": args.batch_tokens, "eval_seqlen": args.eval_seqlen,
+                               "eval_windows": args.eval_windows, "device": args.device,
+                               "owl_lambda": OWL_LAMBDA, "epsilon": EPSILON})
     bench.keep_dense_copy()
     timing = time_wanda(bench)
     if args.perf:
@@ -513,7 +525,7 @@ def main() -> None:
                 print(
                     f"  {method} {policy} {sparsity:.0%}: {results[method, policy, sparsity]:.2f}"
                 )
-    print_table(results, dense, args.sparsities)
+    print_table(results, dense, args.sparsities, calibration_note(calibration_budget(outliers)))
     bench.restore_dense()
     print_performance(bench, timing, times["sparsegpt"], memory)
     print(f"total bench time: {(time.perf_counter() - started) / 60:.1f} min")

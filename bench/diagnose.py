@@ -32,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import print_provenance  # noqa: E402
 from steps.core.devices import resolve_device  # noqa: E402
 from steps.core.factory import build_model  # noqa: E402
 from steps.diagnose.hessian import (  # noqa: E402
@@ -178,6 +179,8 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    print_provenance(settings={"device": args.device, "batch": args.batch,
+                               "threads": args.threads})
 
     with threadpool_limits(limits=args.threads):
         gen = torch.Generator().manual_seed(0)

@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import print_provenance  # noqa: E402
 from steps.diagnose.mdtree import (  # noqa: E402
     CASES,
     METHODS,
@@ -52,6 +53,9 @@ def main() -> None:
 
     clean = read_collection(DATA / "dataframe_normal_public.csv")
     noisy = read_collection(DATA / "dataframe_noise_public.csv")
+    print_provenance(texts={"clean": DATA / "dataframe_normal_public.csv",
+                            "noisy": DATA / "dataframe_noise_public.csv"},
+                     settings={"cases": args.cases, "tree_seed": args.tree_seed})
     print(f"train: clean F ({clean.num_rows} configurations), test: noisy F' "
           f"({noisy.num_rows}); accuracy % mean+-std over seeds; baseline tree seed: "
           f"{'per sample' if args.tree_seed is None else args.tree_seed}")

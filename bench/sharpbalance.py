@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import print_provenance  # noqa: E402
 from steps.core.data import digits_images, labelled_dataset  # noqa: E402
 from steps.core.factory import build_model  # noqa: E402
 from steps.diagnose.sharpbalance import (  # noqa: E402
@@ -39,7 +40,8 @@ def run(method: str, seed: int, epochs: int) -> dict[str, float]:
     data = labelled_dataset("digits", seed=seed)
     x, y = torch.from_numpy(digits_images(data.x_train)), torch.from_numpy(data.y_train)
     x_test, y_test = torch.from_numpy(digits_images(data.x_test)), torch.from_numpy(data.y_test)
-    config = EnsembleConfig(members=3, epochs=epochs, method=method, seed=seed)
+    config = EnsembleConfig(members=3, epochs=epochs, method=method, dataset="digits",
+                            seed=seed)
     ensemble = train_ensemble(lambda s: build_model("mlp", seed=s), x, y, config)
     results = corruption_metrics(ensemble.models, x_test, y_test,
                                  torch.Generator().manual_seed(seed))
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    print_provenance(settings={"seeds": args.seeds, "epochs": args.epochs, "data": "digits"})
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     start = time.perf_counter()
     for method in METHODS:

@@ -58,10 +58,12 @@ class PrunabilityParams(BaseModel):
     retrain_epochs: int = Field(4, ge=1)
     retrain_lr: float = Field(0.25, gt=0, description="Peak lr of the retraining (SGD, "
                               "cosine): large enough that seeds can leave the pruned basin.")
-    lmc_threshold: float = Field(2.0, allow_inf_nan=False, description="LMC barrier (train "
-                                 "error, % points) above which a cell is in regime I.")
-    cka_threshold: float = Field(0.975, ge=0, le=1, description="Output CKA below which a "
-                                 "connected cell is in II-A (else II-B).")
+    lmc_threshold: float = Field(0.0, allow_inf_nan=False, description="LMC barrier (train "
+                                 "error, % points) above which a cell is in regime I "
+                                 "(0: any barrier, mc < 0).")
+    cka_threshold: float | None = Field(None, ge=0, le=1, description="Output CKA below "
+                                        "which a connected cell is in II-A (else II-B); "
+                                        "default: fitted from the cells.")
     line_points: int = Field(11, ge=3, description="Points on the line between two seeds.")
 
     @model_validator(mode="after")

@@ -6,8 +6,14 @@ the OWL code sets
   density_l = (D_l - D_min) / (D_max - D_min) * 2 lambda,  shifted so mean(density) = 1 - S
   sparsity_l = 1 - density_l
 so blocks with more outliers keep more weights. The code replaces sparsity <= 0 by 0.01.
+
+The reference measures the outlier ratios on 128 calibration sequences of 2048 tokens
+(luuyin/OWL main.py: ``--nsamples 128``, ``model.seqlen = 2048``, C4). The budget the ratios
+came from travels in the ratio table's metadata (``with_calibration``) into the decisions'
+metadata (``calibration``), so a quick run is never mistaken for the reference setting.
 """
 
+import json
 from typing import Literal
 
 import numpy as np
@@ -25,6 +31,39 @@ from steps.allocate.layers import (
     param_counts,
 )
 from steps.core.balance import block_means, min_max_unit
+
+REFERENCE_SAMPLES = 128
+REFERENCE_SEQLEN = 2048
+_CALIBRATION_KEY = b"tailwise.owl_calibration"
+
+
+def with_calibration(ratios: pa.Table, samples: int, seqlen: int) -> pa.Table:
+    """The outlier-ratio table with the calibration budget it was measured on recorded."""
+    metadata = dict(ratios.schema.metadata or {})
+    metadata[_CALIBRATION_KEY] = json.dumps({"samples": samples, "seqlen": seqlen}).encode()
+    return ratios.replace_schema_metadata(metadata)
+
+
+def calibration_budget(ratios: pa.Table) -> dict:
+    """{"samples", "seqlen", "reference"} of the calibration the ratios came from; all None
+    when the table does not say (ratios given by hand)."""
+    raw = (ratios.schema.metadata or {}).get(_CALIBRATION_KEY)
+    if raw is None:
+        return {"samples": None, "seqlen": None, "reference": None}
+    budget = json.loads(raw)
+    reference = (budget["samples"] >= REFERENCE_SAMPLES and budget["seqlen"] >= REFERENCE_SEQLEN)
+    return {**budget, "reference": reference}
+
+
+def calibration_note(budget: dict) -> str | None:
+    """One line to print beside OWL results that do not come from the reference budget."""
+    reference = f"the reference calibration is {REFERENCE_SAMPLES} x {REFERENCE_SEQLEN} tokens"
+    if budget["reference"] is None:
+        return f"OWL outlier ratios of unknown calibration ({reference})"
+    if not budget["reference"]:
+        return (f"OWL outlier ratios from {budget['samples']} x {budget['seqlen']} calibration "
+                f"tokens, not the reference setting ({reference})")
+    return None
 
 
 class OwlOptions(BaseModel):
@@ -81,5 +120,6 @@ def allocate(metrics: pa.Table, options: OwlOptions) -> pa.Table:
         "clipped": clipped,
     }
     return decisions_table(
-        columns, policy="owl", options=options, source=metrics, clipped=bool(clipped.any())
+        columns, policy="owl", options=options, source=metrics, clipped=bool(clipped.any()),
+        calibration=calibration_budget(metrics),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,8 +11,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from steps.allocate import POLICIES, AllocationError, allocate, read_metrics
+from steps.allocate import POLICIES, AllocationError, allocate, owl, read_metrics
 from steps.allocate.io import with_source
+from steps.allocate.layers import read_metadata
 from steps.allocate.plots import plot_decisions
 from steps.core.step import Output, Step, StepContext
 
@@ -23,10 +25,11 @@ class AllocateParams(BaseModel):
                                     "e.g. {'sparsity': 0.7, 'epsilon': 0.2}.")
     blocks_only: bool = Field(True, description="Drop rows outside the repeated blocks "
                               "(embeddings, lm_head): the policies decide per block.")
-    calibration_samples: int = Field(16, ge=1, description="owl: calibration sequences used "
-                                     "to measure the outlier ratios (model + calibration "
-                                     "inputs).")
-    calibration_seqlen: int = Field(512, ge=8, description="owl: tokens per sequence.")
+    calibration_samples: int = Field(owl.REFERENCE_SAMPLES, ge=1, description="owl: "
+                                     "calibration sequences used to measure the outlier ratios "
+                                     "(model + calibration inputs); the reference uses 128.")
+    calibration_seqlen: int = Field(owl.REFERENCE_SEQLEN, ge=8, description="owl: tokens per "
+                                    "sequence; the reference uses 2048.")
     device: str = Field("auto", description="owl: where the calibration forward runs.")
 
 
@@ -40,6 +43,8 @@ def allocate_step(ctx: StepContext, params: AllocateParams, inputs: dict[str, Pa
     if params.blocks_only and "block" in metrics.column_names:
         metrics = metrics.filter(pc.is_valid(metrics["block"]))
     decisions = allocate(metrics, params.policy, **params.options)
+    if params.policy == "owl":
+        report_owl_calibration(ctx, decisions)
     table_path = ctx.workdir / "decisions.parquet"
     pq.write_table(decisions, table_path)
     plot = plot_decisions(decisions, ctx.workdir / "decisions.png",
@@ -67,7 +72,18 @@ def measured_outlier_ratios(params: AllocateParams, inputs: dict[str, Path]) -> 
     ids = calibration_input_ids(tokenizer, inputs["calibration"],
                                 nsamples=params.calibration_samples,
                                 seqlen=fit_seqlen(model, params.calibration_seqlen), seed=0)
-    return outlier_ratios(model, ids, device=resolve_device(params.device))
+    ratios = outlier_ratios(model, ids, device=resolve_device(params.device))
+    return owl.with_calibration(ratios, samples=ids.shape[0], seqlen=ids.shape[1])
+
+
+def report_owl_calibration(ctx: StepContext, decisions: pa.Table) -> None:
+    """Log the calibration budget behind OWL decisions; warn when it is not the reference's."""
+    budget = read_metadata(decisions, "calibration")
+    if budget["samples"] is not None:
+        ctx.log_metrics({"owl_calibration_samples": budget["samples"],
+                         "owl_calibration_seqlen": budget["seqlen"]})
+    if note := owl.calibration_note(budget):
+        warnings.warn(note, stacklevel=2)
 
 
 def decision_summary(decisions: pa.Table, column: str) -> dict[str, float]:

@@ -133,10 +133,12 @@ def set_weight_matrix(layer: nn.Module, matrix: torch.Tensor) -> None:
 
 @dataclass
 class LayerStats:
-    """Input statistics of one layer over the calibration tokens (float32).
+    """Input statistics of one layer over the calibration tokens, accumulated in float64.
 
     sq_norms[j] = sum over tokens of x_j^2, so ||X_j||_2 = sqrt(sq_norms[j]) (Wanda, OWL);
-    hessian = X^T X (SparseGPT), or None when not requested.
+    hessian = X^T X (SparseGPT), or None when not requested. Products of float32 inputs are
+    exact in float64, so the sums barely depend on how the tokens were chunked or on the
+    thread count: in float32 they did, and near-ties in the masks flipped with them.
     """
 
     sq_norms: torch.Tensor
@@ -145,9 +147,9 @@ class LayerStats:
 
     @classmethod
     def empty(cls, in_features: int, hessian: bool, device: torch.device) -> LayerStats:
-        sq_norms = torch.zeros(in_features, dtype=torch.float32, device=device)
+        sq_norms = torch.zeros(in_features, dtype=torch.float64, device=device)
         square = (
-            torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+            torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
             if hessian
             else None
         )
@@ -156,20 +158,21 @@ class LayerStats:
     def add(self, inputs: torch.Tensor, column_squares: torch.Tensor | None = None) -> None:
         """Accumulate a batch of layer inputs (..., in_features); column_squares, when
         given, is their sum of x^2 per column, already computed for another layer."""
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        x = inputs.detach().reshape(-1, inputs.shape[-1])
         self.sq_norms += column_square_sums(x) if column_squares is None else column_squares
         if self.hessian is not None:
+            x = x.double()
             self.hessian.addmm_(x.t(), x)
         self.tokens += x.shape[0]
 
     def column_norms(self) -> torch.Tensor:
-        """||X_j||_2 per input column."""
-        return self.sq_norms.sqrt()
+        """||X_j||_2 per input column, float32."""
+        return self.sq_norms.sqrt().float()
 
 
 def column_square_sums(inputs: torch.Tensor) -> torch.Tensor:
-    """sum of x^2 over all tokens, per input column, in float32."""
-    x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+    """sum of x^2 over all tokens, per input column, in float64."""
+    x = inputs.detach().reshape(-1, inputs.shape[-1]).double()
     return x.square().sum(dim=0)
 
 

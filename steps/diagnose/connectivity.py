@@ -302,6 +302,51 @@ def train_bezier(curve: BezierCurve, train_data: Batch | DataLoader, *, epochs: 
     return history.train_loss
 
 
+def reference_lr_factor(epoch: int, epochs: int) -> float:
+    """The reference's curve-fitting schedule (loss_landscape_taxonomy Mode_connectivity.py,
+    from dnn-mode-connectivity), ``epoch`` counted from 1: the base lr for the first half,
+    then linearly down to 1 % of it by 90 %, then 1 %."""
+    alpha = epoch / epochs
+    if alpha <= 0.5:
+        return 1.0
+    if alpha <= 0.9:
+        return 1.0 - (alpha - 0.5) / 0.4 * 0.99
+    return 0.01
+
+
+def train_bezier_reference(curve: BezierCurve, train_data: Batch, *, epochs: int,
+                           lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                           batch_size: int = 128, seed: int = 0,
+                           loss_fn: LossFn = F.cross_entropy) -> list[float]:
+    """Train the bend as the reference does: SGD with momentum, the step-down schedule of
+    ``reference_lr_factor`` set per epoch, one t ~ U(0, 1) per batch, and instead of weight
+    decay an l2 penalty 0.5 * weight_decay * ||phi(t)||^2 on the curve's point at t (its
+    ``l2_regularizer``). Returns per-epoch mean losses (without the penalty)."""
+    x, y = train_data
+    optimizer = torch.optim.SGD(curve.bend.parameters(), lr=lr, momentum=momentum)
+    order_gen = torch.Generator().manual_seed(seed)
+    curve.train()
+    curve.template.train()
+    losses = []
+    for epoch in range(1, epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * reference_lr_factor(epoch, epochs)
+        total = 0.0
+        for idx in torch.randperm(len(x), generator=order_gen).split(batch_size):
+            t = float(torch.rand((), generator=curve.generator))
+            params = curve.params_at(t)
+            loss = loss_fn(functional_call(curve.template, params, (x[idx],), strict=False),
+                           y[idx])
+            penalty = 0.5 * weight_decay * sum(p.square().sum() for p in params.values())
+            optimizer.zero_grad()
+            (loss + penalty).backward()
+            optimizer.step()
+            total += float(loss) * len(idx)
+        losses.append(total / len(x))
+    curve.eval()
+    return losses
+
+
 def evaluate_curve(curve: BezierCurve, eval_data: Data, *, ts: Sequence[float] = CURVE_TS,
                    bn_data: Data | None = None, loss_fn: LossFn = F.cross_entropy,
                    batch_size: int = 256) -> PathResult:

@@ -1,9 +1,12 @@
 """Dispersion score: does a network recognise (collapse onto templates) or reconstruct?
 
 For N samples: a pairwise distance matrix (feature MSE for images, Chamfer distance for
-point clouds), K-medoids on it, and score = the sum of every sample's distance to its medoid
-(unnormalised). Computed on the inputs and on the predictions: an output dispersion far below
-the input dispersion means the predictions collapse onto a few templates (recognition).
+point clouds), K-medoids on it, and score = the mean over samples of each sample's distance
+to its medoid (the sum divided by N), with one k-medoids++ start per seed and the score
+averaged over the seeds, as the reference code (YefanZhou/dispersion-score,
+``eval/cluster_score.py``) runs it. Computed on the inputs and on the predictions: an output
+dispersion far below the input dispersion means the predictions collapse onto a few
+templates (recognition).
 
 The score is 0 when N <= K or all samples are identical, is invariant to the order of the
 samples, and grows with the spread of the clusters.
@@ -11,7 +14,7 @@ samples, and grows with the spread of the clusters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,22 +67,27 @@ def pairwise_distances(x: torch.Tensor, distance: str = "mse") -> torch.Tensor:
     raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
 
 
+REFERENCE_SEEDS = (1, 2, 3, 4, 5)  # the seeds the reference averages its scores over
+
+
 @dataclass(frozen=True)
 class KMedoids:
-    """Medoid indices (into the samples), each sample's cluster label and the score."""
+    """Medoid indices (into the samples), each sample's cluster label and the inertia (sum of
+    every sample's distance to its medoid)."""
 
     medoids: np.ndarray
     labels: np.ndarray
-    score: float
+    inertia: float
 
 
-def kmedoids(distances: np.ndarray | torch.Tensor, k: int, *, restarts: int = 10,
-             max_iter: int = 100, seed: int = 0) -> KMedoids:
-    """K-medoids on a precomputed (N, N) distance matrix: alternating assignment / medoid
-    update from k-medoids++ starts, the best (lowest score) of ``restarts`` runs.
+def kmedoids(distances: np.ndarray | torch.Tensor, k: int, *, seed: int = 1,
+             max_iter: int = 300) -> KMedoids:
+    """K-medoids on a precomputed (N, N) distance matrix, as the reference runs it
+    (scikit-learn-extra ``KMedoids(init="k-medoids++", method="alternate",
+    metric="precomputed", random_state=seed)``): one k-medoids++ start drawn from
+    ``np.random.RandomState(seed)``, then alternating assignment / medoid updates.
 
-    score = sum over samples of the distance to their medoid. With N <= k every sample is
-    its own medoid and the score is 0.
+    With N <= k every sample is its own medoid and the inertia is 0.
     """
     dist = np.asarray(distances, dtype=np.float64)
     if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
@@ -89,54 +97,64 @@ def kmedoids(distances: np.ndarray | torch.Tensor, k: int, *, restarts: int = 10
     n = dist.shape[0]
     if n <= k:
         return KMedoids(np.arange(n), np.arange(n), 0.0)
-    rng = np.random.default_rng(seed)
-    best: KMedoids | None = None
-    for _ in range(restarts):
-        run = _alternate(dist, _plus_plus_init(dist, k, rng), max_iter)
-        if best is None or run.score < best.score:
-            best = run
-    return best
+    medoids = _plus_plus_init(dist, k, np.random.RandomState(seed))
+    return _alternate(dist, medoids, max_iter)
 
 
-def _plus_plus_init(dist: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-medoids++: the first medoid uniformly, each next one with probability proportional
-    to its distance to the nearest medoid chosen so far."""
-    n = dist.shape[0]
-    medoids = [int(rng.integers(n))]
+def _plus_plus_init(dist: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarray:
+    """k-medoids++ with greedy local trials (Arthur & Vassilvitskii's k-means++ code, as
+    scikit-learn-extra ports it): the first medoid uniformly; each next one is the best, by
+    the summed squared distance to the nearest medoid, of 2 + int(ln k) candidates drawn with
+    probability proportional to that squared distance."""
+    trials = 2 + int(np.log(k))
+    medoids = [int(rng.randint(dist.shape[0]))]
+    nearest_sq = dist[medoids[0]] ** 2
     for _ in range(k - 1):
-        nearest = dist[:, medoids].min(1)
-        nearest[medoids] = 0.0
-        total = nearest.sum()
-        if total > 0:
-            medoids.append(int(rng.choice(n, p=nearest / total)))
-        else:  # every sample sits on a medoid (duplicates): any unused sample will do
-            medoids.append(int(rng.choice(np.setdiff1d(np.arange(n), medoids))))
+        targets = rng.random_sample(trials) * nearest_sq.sum()
+        candidates = np.searchsorted(np.cumsum(nearest_sq), targets)
+        potentials = np.minimum(nearest_sq[None], dist[candidates] ** 2)
+        best = int(potentials.sum(1).argmin())  # first candidate on ties, as the reference
+        medoids.append(int(candidates[best]))
+        nearest_sq = potentials[best]
     return np.array(medoids)
 
 
 def _alternate(dist: np.ndarray, medoids: np.ndarray, max_iter: int) -> KMedoids:
-    """Assign samples to the nearest medoid, move each medoid to the member with the least
-    total distance to its cluster, until the medoids stop moving."""
+    """Assign samples to the nearest medoid; move each medoid to the member with the least
+    total distance to its cluster when that is strictly less than the current medoid's;
+    stop when no medoid moves."""
+    medoids = medoids.copy()
     for _ in range(max_iter):
         labels = dist[:, medoids].argmin(1)
-        updated = medoids.copy()
+        previous = medoids.copy()
         for c in range(len(medoids)):
             members = np.flatnonzero(labels == c)
-            if len(members):
-                updated[c] = members[dist[np.ix_(members, members)].sum(1).argmin()]
-        if np.array_equal(updated, medoids):
+            if len(members) == 0:  # an empty cluster keeps its medoid
+                continue
+            costs = dist[np.ix_(members, members)].sum(1)
+            own = np.flatnonzero(members == medoids[c])
+            # A medoid outside its own cluster (duplicate points) is costed as the reference
+            # does: as its cluster's first member.
+            current = costs[own[0] if len(own) else 0]
+            if costs.min() < current:
+                medoids[c] = members[costs.argmin()]
+        if np.array_equal(previous, medoids):
             break
-        medoids = updated
     labels = dist[:, medoids].argmin(1)
-    score = float(dist[np.arange(len(dist)), medoids[labels]].sum())
-    return KMedoids(medoids, labels, score)
+    return KMedoids(medoids, labels, float(dist[:, medoids].min(1).sum()))
 
 
-def dispersion_score(x: torch.Tensor, k: int, *, distance: str = "mse", restarts: int = 10,
-                     seed: int = 0) -> float:
-    """Sum of distances of the samples x to their K-medoids medoid (unnormalised)."""
+def dispersion_score(x: torch.Tensor, k: int, *, distance: str = "mse",
+                     seeds: Sequence[int] = REFERENCE_SEEDS) -> float:
+    """Mean over ``seeds`` of the K-medoids inertia divided by N: the average distance of
+    a sample to its medoid, one k-medoids++ start per seed (the reference's
+    ``kmedoids.inertia_ / dm.shape[0]``, averaged over its seeds 1-5)."""
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
     dist = pairwise_distances(x.detach(), distance).double().cpu().numpy()
-    return kmedoids(dist, k, restarts=restarts, seed=seed).score
+    if len(dist) == 0:
+        return 0.0
+    return float(np.mean([kmedoids(dist, k, seed=s).inertia / len(dist) for s in seeds]))
 
 
 @dataclass(frozen=True)
@@ -152,8 +170,7 @@ def input_output_dispersion(
     *,
     input_distance: str = "mse",
     output_distance: str = "mse",
-    restarts: int = 10,
-    seed: int = 0,
+    seeds: Sequence[int] = REFERENCE_SEEDS,
 ) -> Dispersion:
     """Dispersion of the inputs and of the predictions ``predict(inputs)``.
 
@@ -163,7 +180,6 @@ def input_output_dispersion(
     with torch.no_grad():
         outputs = predict(inputs)
     return Dispersion(
-        input=dispersion_score(inputs, k, distance=input_distance, restarts=restarts, seed=seed),
-        output=dispersion_score(outputs, k, distance=output_distance, restarts=restarts,
-                                seed=seed),
+        input=dispersion_score(inputs, k, distance=input_distance, seeds=seeds),
+        output=dispersion_score(outputs, k, distance=output_distance, seeds=seeds),
     )

@@ -54,9 +54,21 @@ def _matrix(data: Columns, names: Sequence[str]) -> np.ndarray:
     return np.column_stack([_column(data, n).astype(float) for n in names])
 
 
+RELEASED_KEY = b"tailwise.md_collection"
+
+
 def read_collection(path: str | Path) -> pa.Table:
-    """A collection of trained configurations (the released CSV layout) as a table."""
-    return pacsv.read_csv(path)
+    """A collection of trained configurations (the released CSV layout) as a table, marked
+    as released data: a tree fitted on it records so (``MDTree.fitted_on``)."""
+    table = pacsv.read_csv(path)
+    return table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                          RELEASED_KEY: b"released"})
+
+
+def _fitted_on(data: Columns) -> str:
+    """"released" for a table from ``read_collection`` (or rows of one), else "zoo"."""
+    metadata = getattr(getattr(data, "schema", None), "metadata", None) or {}
+    return "released" if metadata.get(RELEASED_KEY) == b"released" else "zoo"
 
 
 # --- labels from room for improvement ---------------------------------------------------------
@@ -235,6 +247,8 @@ class MDTree:
     shape: str
     thresholds: tuple[float, ...]
     features: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_FEATURES))
+    fitted_on: str = "zoo"  # "released": the released MD-tree data, whose features were
+    # computed as ModelDiagnosis computed them (see steps.diagnose.features)
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -275,14 +289,16 @@ class MDTree:
 
     def to_json(self) -> str:
         return json.dumps({"method": "md_tree", "question": self.question, "shape": self.shape,
-                           "features": dict(self.features), "thresholds": list(self.thresholds)})
+                           "features": dict(self.features), "thresholds": list(self.thresholds),
+                           "fitted_on": self.fitted_on})
 
     @classmethod
     def from_json(cls, text: str) -> MDTree:
         spec = json.loads(text)
         if spec.get("method") != "md_tree":
             raise ValueError("MD tree JSON: 'method' is not 'md_tree'")
-        tree = cls(spec["shape"], tuple(spec["thresholds"]), spec["features"])
+        tree = cls(spec["shape"], tuple(spec["thresholds"]), spec["features"],
+                   str(spec.get("fitted_on", "zoo")))
         if spec.get("question") != tree.question:
             raise ValueError(f"MD tree JSON: question {spec.get('question')!r} does not match "
                              f"shape {tree.shape!r} ({tree.question!r})")
@@ -325,7 +341,7 @@ def fit_mdtree(data: Columns, labels: ArrayLike, shape: str = "bs_failure",
             return -float(np.mean(_predict(SHAPES[shape].root, values, trial) == y))
 
         thresholds[i] = float(minimize_scalar(loss, bounds=bounds, method="bounded").x)
-    return MDTree(shape, tuple(thresholds), tree.features)
+    return MDTree(shape, tuple(thresholds), tree.features, _fitted_on(data))
 
 
 def _data_ranges(values: Mapping[str, np.ndarray], roles: Sequence[str]

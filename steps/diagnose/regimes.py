@@ -15,10 +15,28 @@ cell place it in
 - regime I (poorly connected): the mean pairwise linear-mode-connectivity barrier on the
   training data is above ``Thresholds.lmc_barrier`` (train error, percentage points);
 - regime II-A (connected, dissimilar outputs): not I, and the mean pairwise CKA of the
-  seeds' softmax outputs on the test split is below ``Thresholds.cka``;
+  seeds' softmax outputs on training inputs is below ``Thresholds.cka``;
 - regime II-B (connected, similar outputs): neither.
 
 A value exactly at a threshold counts as connected (LMC) and as similar (CKA).
+
+Measured as the reference measures it (YefanZhou/ThreeRegimePruning,
+``loss_landscape_measure/cka_simi.py`` and ``lmc.py``): CKA is the biased linear CKA of the
+softmax outputs of the first 101 training batches of 64, in order, without augmentation
+(``--CKA-batches 100`` with its ``batch_idx > num_batches`` stop, ``--train-batch 64``,
+``trainset_shuffle=False``), averaged over seed pairs; LMC is mc on an 11-point line in train
+error, averaged over pairs.
+
+Where the thresholds come from. The released code has no thresholds: its notebook plots raw
+LMC and CKA maps, and the paper separates the regimes qualitatively (Figure 1: "LMC
+identifies regime I versus II; the similarity of outputs between models in well-connected
+regimes then identifies II-A and II-B", "relatively dissimilar" vs "relatively similar").
+So: the LMC threshold is 0, the sign of mc (METHODS.md section 4: mc < 0 is a barrier; a
+linear path with a barrier is not linearly connected, as in Frankle et al.); the CKA
+threshold is fitted from the cells themselves, the paper's "relatively": the best split of
+the connected cells' CKA values into two groups (least within-group sum of squares, the
+1-D two-cluster optimum), at the midpoint of the gap (``fit_cka_threshold``). Either can be
+given instead.
 
 Advice per cell (the paper's favourable transitions, I -> II-A -> II-B): in I raise the
 temperature, in II-A lower it, in II-B keep it. The knob says what that means: more epochs
@@ -54,9 +72,10 @@ from steps.diagnose.cka import output_cka
 from steps.diagnose.connectivity import linear_path
 from steps.diagnose.hessian import eval_mode
 
-__all__ = ["CELL_COLUMNS", "REGIMES", "TEMPERATURE_SIGN", "RegimeError", "Thresholds",
-           "classify_cells", "density_summary", "knob_advice", "measure_cell",
-           "plot_phase_map", "regime", "temperature_advice"]
+__all__ = ["CELL_COLUMNS", "CKA_BATCHES", "CKA_BATCH_SIZE", "REGIMES", "TEMPERATURE_SIGN",
+           "RegimeError", "Thresholds", "classify_cells", "density_summary",
+           "fit_cka_threshold", "knob_advice", "measure_cell", "plot_phase_map", "regime",
+           "resolve_thresholds", "temperature_advice"]
 
 REGIMES = ("I", "II-A", "II-B")
 # +1: a larger value is a higher temperature (more noise, longer training); -1: lower.
@@ -82,26 +101,58 @@ def _finite(value: Any, what: str) -> float:
     return number
 
 
+# ThreeRegimePruning cka_simi.py: batches 0..100 of the unshuffled training loader, 64 each.
+CKA_BATCHES = 101
+CKA_BATCH_SIZE = 64
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    """Regime boundaries: LMC barrier (train error, % points) and output CKA."""
+    """Regime boundaries: LMC barrier (train error, % points; 0 = the sign of mc) and output
+    CKA (None: fitted from the cells, see the module doc)."""
 
-    lmc_barrier: float = 2.0
-    cka: float = 0.975
+    lmc_barrier: float = 0.0
+    cka: float | None = None
 
     def __post_init__(self) -> None:
         _finite(self.lmc_barrier, "lmc_threshold")
-        if not 0.0 <= _finite(self.cka, "cka_threshold") <= 1.0:
+        if self.cka is not None and not 0.0 <= _finite(self.cka, "cka_threshold") <= 1.0:
             raise RegimeError(f"cka_threshold: CKA lies in [0, 1], got {self.cka}")
+
+
+def fit_cka_threshold(rows: Sequence[Mapping[str, Any]], lmc_barrier: float) -> float:
+    """The CKA threshold that best splits the connected cells (barrier <= ``lmc_barrier``)
+    into relatively dissimilar and relatively similar ones: over every cut of their sorted
+    CKA values, the one with the least within-group sum of squares, at the midpoint of its
+    gap. With fewer than two distinct values there is nothing relative to split: 0.0
+    (every connected cell counts as similar)."""
+    values = np.unique([_finite(r["cka"], "cka") for r in rows
+                        if _finite(r["lmc_barrier"], "lmc_barrier") <= lmc_barrier])
+    if len(values) < 2:
+        return 0.0
+    costs = [values[:cut].var() * cut + values[cut:].var() * (len(values) - cut)
+             for cut in range(1, len(values))]
+    cut = int(np.argmin(costs)) + 1
+    return float((values[cut - 1] + values[cut]) / 2)
+
+
+def resolve_thresholds(rows: Sequence[Mapping[str, Any]], thresholds: Thresholds) -> Thresholds:
+    """``thresholds`` with a fitted CKA threshold where none was given."""
+    if thresholds.cka is not None:
+        return thresholds
+    return Thresholds(thresholds.lmc_barrier, fit_cka_threshold(rows, thresholds.lmc_barrier))
 
 
 # ----------------------------------------------------------------- classification
 
 
-def regime(lmc_barrier: float, cka: float, thresholds: Thresholds = Thresholds()) -> str:
+def regime(lmc_barrier: float, cka: float, thresholds: Thresholds) -> str:
     """"I" above the LMC threshold, else "II-A" below the CKA threshold, else "II-B"."""
     barrier = _finite(lmc_barrier, "lmc_barrier")
     similarity = _finite(cka, "cka")
+    if thresholds.cka is None:
+        raise RegimeError("cka_threshold: one cell cannot fit it; give it, or classify "
+                          "the cells together (classify_cells)")
     if barrier > thresholds.lmc_barrier:
         return "I"
     return "II-A" if similarity < thresholds.cka else "II-B"
@@ -135,7 +186,8 @@ def knob_advice(name: str, knob: str) -> str:
 
 def classify_cells(rows: Sequence[Mapping[str, Any]],
                    thresholds: Thresholds = Thresholds()) -> list[dict]:
-    """The cells (one row per knob value x density) with regime and advice columns added.
+    """The cells (one row per knob value x density) with regime and advice columns added
+    (a CKA threshold not given is fitted from these cells; ``resolve_thresholds``).
 
     Rows are sorted by density, then knob value. Every row needs ``CELL_COLUMNS``; all share
     one knob, and no (knob_value, density) appears twice.
@@ -150,6 +202,7 @@ def classify_cells(rows: Sequence[Mapping[str, Any]],
     if len(knobs) != 1:
         raise RegimeError(f"cells: one temperature-like knob per phase map, got {knobs}")
     knob = _check_knob(knobs[0])
+    thresholds = resolve_thresholds(rows, thresholds)
     seen: set[tuple[float, float]] = set()
     out = []
     for i, row in enumerate(rows):
@@ -163,7 +216,9 @@ def classify_cells(rows: Sequence[Mapping[str, Any]],
         name = regime(row["lmc_barrier"], row["cka"], thresholds)
         _finite(row["test_accuracy"], f"cells row {i} test_accuracy")
         out.append(dict(row) | {"regime": name, "temperature_advice": temperature_advice(name),
-                                "knob_advice": knob_advice(name, knob)})
+                                "knob_advice": knob_advice(name, knob),
+                                "lmc_threshold": thresholds.lmc_barrier,
+                                "cka_threshold": thresholds.cka})
     return sorted(out, key=lambda r: (float(r["density"]), float(r["knob_value"])))
 
 
@@ -230,7 +285,8 @@ def measure_cell(models: Sequence[nn.Module], data: PlainData, train: Batch, *,
 
     ``lmc_barrier`` is the mean over pairs of -mc on the straight line between two seeds
     (train error %, on ``train``; BatchNorm re-estimated at every point from it),
-    ``cka`` the mean linear CKA of their softmax outputs on the test split; ``_max`` /
+    ``cka`` the mean linear CKA of their softmax outputs on the reference's CKA inputs: the
+    first 101 x 64 training inputs, in order (all of them when there are fewer); ``_max`` /
     ``_min`` give the worst pair. ``test_accuracy`` is the seeds' mean (``_std`` their
     spread), ``density`` the measured share of non-zero prunable weights of the first seed.
     A seed whose outputs are the same for every test input (its training collapsed) has no
@@ -240,18 +296,20 @@ def measure_cell(models: Sequence[nn.Module], data: PlainData, train: Batch, *,
         raise RegimeError(f"retrained models: need >= 2 seeds for pairs, got {len(models)}")
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                  for m in models[0].modules())
-    collapsed = [_collapsed(m, data.x_test) for m in models]
+    cka_inputs = data.x_train[:CKA_BATCHES * CKA_BATCH_SIZE]
+    collapsed = [_collapsed(m, cka_inputs) for m in models]
     barriers, similarities = [], []
     for (i, a), (j, b) in itertools.combinations(enumerate(models), 2):
         path = linear_path(a, b, train, points=line_points, bn_data=train if has_bn else None)
         barriers.append(-path.mc)
         # CKA is undefined for constant outputs; a collapsed seed shares no structure.
         similarities.append(0.0 if collapsed[i] or collapsed[j]
-                            else output_cka(a, b, data.x_test))
+                            else output_cka(a, b, cka_inputs))
     scores = [_accuracy(m, data.test) for m in models]
     accuracies = [accuracy for _, accuracy in scores]
     return {"lmc_barrier": float(np.mean(barriers)), "lmc_barrier_max": float(max(barriers)),
             "cka": float(np.mean(similarities)), "cka_min": float(min(similarities)),
+            "cka_samples": len(cka_inputs),
             "test_accuracy": float(np.mean(accuracies)),
             "test_accuracy_std": float(np.std(accuracies)),
             "test_loss": float(np.mean([loss for loss, _ in scores])),
@@ -286,6 +344,7 @@ def plot_phase_map(cells: Sequence[Mapping[str, Any]], summary: Sequence[Mapping
 
     if not cells:
         raise RegimeError("cells: nothing to plot")
+    thresholds = resolve_thresholds(cells, thresholds)
     knob = str(cells[0]["knob"])
     xs, ys = _axis(c["knob_value"] for c in cells), _axis(c["density"] for c in cells)
     fig, ax = plt.subplots(figsize=(1.9 * len(xs) + 2.6, 1.2 * len(ys) + 1.8))

@@ -7,6 +7,12 @@ of the samples nobody selected, and plain SGD on the rest, in one combined step 
 Which k % a member selects is ``direction``: "sharpest" (highest scores, the paper's figure)
 or "flattest" (lowest, the released code).
 
+The released code has two split rules and picks by dataset (main.py): CIFAR-10 uses
+``boosting_sam_split_boost`` ("boost": SAM also on every unselected sample except the
+member's own round-robin share, which it trains with SGD), CIFAR-100 ``boosting_sam_split``
+("share": SAM on its own share of the unselected samples). ``EnsembleConfig.split_rule``
+None picks as the reference does from ``EnsembleConfig.dataset``.
+
 The combined step follows the released code's weighting: the minibatch loss is the sum of
 per-sample losses over the whole minibatch size B, SAM-part terms evaluated at the perturbed
 weights, SGD-part terms at the current ones, and the perturbation comes from the SAM part's
@@ -30,6 +36,7 @@ from torch.func import functional_call, grad, vmap
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> (B,)
 Direction = Literal["sharpest", "flattest"]
+SplitRule = Literal["share", "boost"]
 Method = Literal["sharpbalance", "sam", "deep"]
 
 GRAD_NORM_EPS = 1e-12  # keeps the SAM perturbation finite when the gradient vanishes
@@ -180,17 +187,28 @@ class MemberSplit:
     normal: np.ndarray
 
 
+def reference_split_rule(dataset: str) -> SplitRule:
+    """The released code's choice: "boost" for CIFAR-10, "share" for anything else."""
+    return "boost" if dataset.lower() == "cifar10" else "share"
+
+
 def sharpbalance_splits(scores: Sequence[np.ndarray], fraction: float = 0.5,
-                        direction: Direction = "sharpest") -> list[MemberSplit]:
-    """Member i: SAM on the other members' selections plus its round-robin share of the
-    samples no member selected, SGD on the remainder. Each split partitions the data."""
+                        direction: Direction = "sharpest",
+                        rule: SplitRule = "share") -> list[MemberSplit]:
+    """Member i: SAM on the other members' selections plus, of the samples no member
+    selected, its round-robin share ("share") or all but its share ("boost"); SGD on the
+    remainder. Each split partitions the data."""
+    if rule not in ("share", "boost"):
+        raise ValueError(f"split rule must be 'share' or 'boost', got {rule!r}")
     n = len(scores[0])
     chosen = [select_subset(s, fraction, direction) for s in scores]
     unselected = np.setdiff1d(np.arange(n), np.concatenate(chosen))
     splits = []
     for i in range(len(scores)):
         others = [c for j, c in enumerate(chosen) if j != i]
-        sam = np.unique(np.concatenate([*others, unselected[i :: len(scores)]])).astype(np.int64)
+        share = unselected[i :: len(scores)]
+        flat = share if rule == "share" else np.setdiff1d(unselected, share)
+        sam = np.unique(np.concatenate([*others, flat])).astype(np.int64)
         split = MemberSplit(sam, np.setdiff1d(np.arange(n), sam))
         check_partition(split, n)
         splits.append(split)
@@ -210,7 +228,8 @@ def check_partition(split: MemberSplit, n: int) -> None:
 @dataclass(frozen=True)
 class EnsembleConfig:
     """``method``: "sharpbalance", "sam" (SAM on all data throughout) or "deep" (plain SGD,
-    the classic deep ensemble). ``sam_epochs`` is T0, default half of ``epochs``."""
+    the classic deep ensemble). ``sam_epochs`` is T0, default half of ``epochs``.
+    ``split_rule`` None: the reference's choice for ``dataset`` (its default is CIFAR-10)."""
 
     members: int = 3
     epochs: int = 10
@@ -224,6 +243,8 @@ class EnsembleConfig:
     batch_size: int = 64
     fraction: float = 0.5
     direction: Direction = "sharpest"
+    dataset: str = "cifar10"
+    split_rule: SplitRule | None = None
     seed: int = 0
 
 
@@ -257,7 +278,8 @@ def train_ensemble(factory: Callable[[int], nn.Module], x: torch.Tensor, y: torc
     for epoch in range(config.epochs):
         if config.method == "sharpbalance" and epoch == t0:
             scores = [per_sample_scores(m, x, y, criterion=criterion) for m in models]
-            splits = sharpbalance_splits(scores, config.fraction, config.direction)
+            rule = config.split_rule or reference_split_rule(config.dataset)
+            splits = sharpbalance_splits(scores, config.fraction, config.direction, rule)
             masks = [torch.zeros(n, dtype=torch.bool).index_fill_(0, torch.from_numpy(s.sam), True)
                      for s in splits]
         for model, sam, gen, mask in zip(models, optimisers, generators, masks, strict=True):

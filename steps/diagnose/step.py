@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -93,9 +94,15 @@ class DiagnoseParams(BaseModel):
     hessian_samples: int = Field(200, ge=1, description="Training samples of the Hessian.")
     trace_probes: int = Field(32, ge=2, description="Hutchinson probes.")
     eigen_iterations: int = Field(30, ge=1, description="Power iterations (top eigenvalue).")
-    curve_epochs: int = Field(10, ge=1, description="Epochs training the Bezier bend.")
-    curve_lr: float = Field(0.05, gt=0.0, description="SGD lr of the bend.")
-    curve_batch_size: int = Field(64, ge=1)
+    curve_epochs: int = Field(10, ge=1, description="Epochs training the Bezier bend (the "
+                              "released data: 50 / fraction).")
+    curve_lr: float = Field(0.01, gt=0.0, description="SGD lr of the bend (reference 0.01).")
+    curve_batch_size: int = Field(128, ge=1)
+    curve_weight_decay: float = Field(5e-4, ge=0.0, description="l2 on the curve's point "
+                                      "(reference) or SGD weight decay (cosine).")
+    curve_schedule: Literal["reference", "cosine"] = Field(
+        "reference", description="Bend training: the reference's step-down lr and l2 penalty, "
+        "or the shared trainer's cosine lr.")
     curve_points: int = Field(5, ge=3, description="Points on the curve, 0 to 1.")
     line_points: int = Field(11, ge=3, description="Points on the straight line (LMC).")
     seed: int = Field(0, ge=0, description="Seed of probes, Hessian subset and curve.")
@@ -109,10 +116,12 @@ class DiagnoseParams(BaseModel):
     bounds: Literal["reference", "data"] = Field("data", description="fit: threshold ranges "
                                                  "of the reference (ResNet-18 / CIFAR-10) or "
                                                  "of this zoo's features.")
-    lmc_threshold: float = Field(2.0, allow_inf_nan=False, description="regimes: an LMC "
-                                 "barrier (train error, % points) above it is regime I.")
-    cka_threshold: float = Field(0.975, ge=0.0, le=1.0, description="regimes: connected "
-                                 "cells with output CKA below it are II-A, the others II-B.")
+    lmc_threshold: float = Field(0.0, allow_inf_nan=False, description="regimes: an LMC "
+                                 "barrier (train error, % points) above it is regime I "
+                                 "(default 0: any barrier, mc < 0).")
+    cka_threshold: float | None = Field(None, ge=0.0, le=1.0, description="regimes: "
+                                        "connected cells with output CKA below it are II-A, "
+                                        "the others II-B (default: fitted from the cells).")
 
 
 # --------------------------------------------------------------------------- features
@@ -155,6 +164,8 @@ def _options(params: DiagnoseParams):
                           eigen_iterations=params.eigen_iterations,
                           curve_epochs=params.curve_epochs, curve_lr=params.curve_lr,
                           curve_batch_size=params.curve_batch_size,
+                          curve_weight_decay=params.curve_weight_decay,
+                          curve_schedule=params.curve_schedule,
                           curve_points=params.curve_points, line_points=params.line_points,
                           seed=params.seed)
 
@@ -187,9 +198,21 @@ def features_row(params: DiagnoseParams, inputs: dict[str, Path]) -> dict:
 
 
 def diagnosis(tree, row: dict) -> dict:
-    """The tree's answer for one features row, with the comparisons that led to it."""
+    """The tree's answer for one features row, with the comparisons that led to it, and how
+    the row's features differ from the released data's (a note, and a warning, when the
+    tree was fitted on the released data: its thresholds then do not carry over)."""
+    from steps.diagnose.features import protocol_differences
+
     answer, path = tree.predict_path(row)
+    differences = protocol_differences(row)
+    note = None
+    if tree.fitted_on == "released" and differences:
+        note = ("this tree was fitted on the released MD-tree data, but these features were "
+                "computed differently: " + "; ".join(differences))
+        warnings.warn(note, stacklevel=2)
     return {"question": tree.question, "answer": answer, "shape": tree.shape,
+            "tree_fitted_on": tree.fitted_on, "features_as_released_data": not differences,
+            "feature_differences": differences, "note": note,
             "path": [{"column": c.column, "value": c.value, "threshold": c.threshold,
                       "le": c.le, "text": str(c)} for c in path],
             "features": {k: v for k, v in row.items()}, "tree": json.loads(tree.to_json())}
@@ -445,6 +468,7 @@ def regimes_mode(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Pat
         classify_cells,
         density_summary,
         plot_phase_map,
+        resolve_thresholds,
     )
 
     if set(inputs) != {"cells"}:
@@ -454,8 +478,9 @@ def regimes_mode(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Pat
         rows = pq.read_table(inputs["cells"]).to_pylist()
     except (OSError, pa.ArrowException) as exc:
         raise DiagnoseError(f"cells: not a Parquet table ({exc})") from exc
-    thresholds = Thresholds(params.lmc_threshold, params.cka_threshold)
-    cells = classify_cells(rows, thresholds)
+    given = Thresholds(params.lmc_threshold, params.cka_threshold)
+    cells = classify_cells(rows, given)
+    thresholds = resolve_thresholds(cells, given)  # the fitted CKA threshold, when fitted
     summary = density_summary(cells)
     plots = ctx.workdir / "plots"
     plot = plot_phase_map(cells, summary, thresholds, plots / "phase_map.png")
@@ -464,7 +489,8 @@ def regimes_mode(ctx: StepContext, params: DiagnoseParams, inputs: dict[str, Pat
     pq.write_table(pa.Table.from_pylist(cells), regimes_path)
     pq.write_table(pa.Table.from_pylist(summary), advice_path)
     ctx.log_metrics({f"cells_{name}": sum(c["regime"] == name for c in cells)
-                     for name in ("I", "II-A", "II-B")})
+                     for name in ("I", "II-A", "II-B")}
+                    | {"lmc_threshold": thresholds.lmc_barrier, "cka_threshold": thresholds.cka})
     return {"regimes": Output(regimes_path, "prunability-regimes", PARQUET),
             "advice": Output(advice_path, "prunability-advice", PARQUET),
             "phase_map": Output(plots, "plots")}

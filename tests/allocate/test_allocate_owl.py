@@ -6,6 +6,7 @@ from allocate_helpers import layer_table, weighted_mean
 
 from steps.allocate import allocate
 from steps.allocate.layers import read_metadata
+from steps.allocate.owl import calibration_note, with_calibration
 
 
 def owl_table(ratios, per_block=1, shapes=None):
@@ -65,3 +66,57 @@ def test_reference_mode_replaces_non_positive_sparsity_like_owl_code():
     # spread [0, 0, 0, .4], mean .1: sparsity [.2, .2, .2, -.2 -> 0.01]
     np.testing.assert_allclose(decisions["sparsity"].to_numpy(), [0.2, 0.2, 0.2, 0.01])
     assert decisions["clipped"].to_pylist() == [False, False, False, True]
+
+
+# --- calibration budget: the reference's by default, any smaller one said and stored ---
+
+def test_step_measures_outlier_ratios_on_the_reference_calibration_by_default():
+    from steps.allocate.step import AllocateParams
+
+    params = AllocateParams(policy="owl")
+    # luuyin/OWL main.py: --nsamples 128, model.seqlen = 2048.
+    assert (params.calibration_samples, params.calibration_seqlen) == (128, 2048)
+
+
+def test_decisions_record_the_calibration_budget_of_their_ratios():
+    ratios = owl_table([1.0, 2.0, 3.0, 5.0])
+    quick = allocate(with_calibration(ratios, samples=16, seqlen=512), "owl", sparsity=0.5)
+    budget = read_metadata(quick, "calibration")
+    assert budget == {"samples": 16, "seqlen": 512, "reference": False}
+    note = calibration_note(budget)
+    assert "16 x 512" in note and "not the reference setting" in note and "128 x 2048" in note
+
+    full = allocate(with_calibration(ratios, samples=128, seqlen=2048), "owl", sparsity=0.5)
+    assert read_metadata(full, "calibration")["reference"] is True
+    assert calibration_note(read_metadata(full, "calibration")) is None
+    # The decisions themselves do not depend on where the ratios came from.
+    assert quick["sparsity"].to_pylist() == full["sparsity"].to_pylist()
+
+    by_hand = read_metadata(allocate(ratios, "owl", sparsity=0.5), "calibration")
+    assert by_hand["reference"] is None and "unknown calibration" in calibration_note(by_hand)
+
+
+def test_owl_step_with_a_small_budget_warns_and_stores_it(tmp_path):
+    import pyarrow.parquet as pq
+
+    from steps.core.registry import load_step
+    from steps.core.step import run_step
+    from steps.core.store import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    model = run_step(load_step("build_model"), {"name": "tiny-llama"}, {}, store=store)
+    model = model.digests()["model"]
+    # Without an outlier_ratio column the step measures the ratios on the model.
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("name\nmodel.layers.0.mlp.up_proj\n")
+    text = tmp_path / "calibration.txt"
+    text.write_text("And God said, Let there be light: and there was light. " * 200)
+    inputs = {"metrics": store.put(metrics, "metrics").digest, "model": model,
+              "calibration": store.put(text, "text").digest}
+    with pytest.warns(UserWarning, match="from 2 x 64 calibration tokens, not the reference"):
+        owl = run_step(load_step("allocate"), {"policy": "owl", "options": {"sparsity": 0.5},
+                                               "calibration_samples": 2,
+                                               "calibration_seqlen": 64}, inputs, store=store)
+    decisions = pq.read_table(store.get(owl.digests()["decisions"], tmp_path / "owl.parquet"))
+    assert read_metadata(decisions, "calibration") == {"samples": 2, "seqlen": 64,
+                                                       "reference": False}

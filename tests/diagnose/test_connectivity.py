@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from steps.core.data import digits_images, labelled_dataset
 from steps.core.errors import TailwiseError
@@ -19,7 +20,9 @@ from steps.diagnose.connectivity import (
     mode_connectivity,
     permute_mlp_hidden,
     reestimate_bn,
+    reference_lr_factor,
     train_bezier,
+    train_bezier_reference,
 )
 from steps.finetune.train import evaluate, train
 
@@ -157,3 +160,37 @@ def test_trained_bezier_reproduces_the_endpoints_and_lowers_the_middle(cnns) -> 
 def test_mismatched_models_are_rejected() -> None:
     with pytest.raises(TailwiseError, match="state dicts"):
         linear_path(build_model("mlp"), build_model("cnn"), (torch.zeros(2, 64), None))
+
+
+def test_reference_curve_schedule_steps_down_as_the_reference():
+    # Mode_connectivity.py learning_rate_schedule, epochs 1..10 of 10.
+    factors = [reference_lr_factor(e, 10) for e in range(1, 11)]
+    expected = [1.0] * 5 + [1 - (a - 0.5) / 0.4 * 0.99 for a in (0.6, 0.7, 0.8, 0.9)] + [0.01]
+    assert factors == pytest.approx(expected, abs=1e-12)
+    assert factors[8] == pytest.approx(0.01)
+
+
+def test_reference_bend_step_is_sgd_on_the_loss_plus_l2_of_the_curve_point(mlp) -> None:
+    model_a, (x, y) = mlp
+    model_c = copy.deepcopy(model_a)
+    with torch.no_grad():
+        for p in model_c.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    x, y = x[:50], y[:50]
+    curve = BezierCurve(model_a, model_c, seed=3)
+    before = [b.detach().clone() for b in curve.bend]
+    train_bezier_reference(curve, (x, y), epochs=1, lr=0.5, weight_decay=0.1, batch_size=64)
+    # By hand: one batch (all 50), t the curve generator's first draw, lr factor 0.01 (the
+    # last 10 % of training), no momentum history yet.
+    t = float(torch.rand((), generator=torch.Generator().manual_seed(3)))
+    bends = [b.clone().requires_grad_() for b in before]
+    a = dict(model_a.named_parameters())
+    c = dict(model_c.named_parameters())
+    point = {k: (1 - t) ** 2 * a[k].detach() + 2 * t * (1 - t) * b + t ** 2 * c[k].detach()
+             for k, b in zip(a, bends, strict=True)}
+    template = copy.deepcopy(model_a).train()
+    loss = F.cross_entropy(functional_call(template, point, (x,)), y)
+    loss = loss + 0.5 * 0.1 * sum((p ** 2).sum() for p in point.values())
+    grads = torch.autograd.grad(loss, bends)
+    for b, b0, g in zip(curve.bend, before, grads, strict=True):
+        assert torch.allclose(b.detach(), b0 - 0.5 * 0.01 * g, rtol=1e-5, atol=1e-7)

@@ -100,16 +100,80 @@ def test_kmedoids_finds_the_obvious_medoids_of_well_separated_clusters():
     centre_rows = {int(np.flatnonzero(perm == 5 * c)[0]) for c in range(3)}
     assert set(result.medoids.tolist()) == centre_rows
     # Each centre is 1 away (squared, per coordinate: 1/2 in MSE) from its 4 neighbours.
-    assert result.score == pytest.approx(3 * 4 * 0.5)
+    assert result.inertia == pytest.approx(3 * 4 * 0.5)
     assert len(set(result.labels[perm.argsort()].reshape(3, 5)[:, 0])) == 3
 
 
-def test_kmedoids_reaches_the_exhaustive_optimum_on_small_problems():
-    for seed in range(5):
-        rng = np.random.default_rng(seed)
-        dist = mse_distances(torch.from_numpy(rng.uniform(size=(10, 2)))).numpy()
-        best = min(dist[:, list(c)].min(1).sum() for c in itertools.combinations(range(10), 3))
-        assert kmedoids(dist, k=3, restarts=20, seed=seed).score == pytest.approx(best, rel=1e-12)
+# --- float64 port of the reference (dispersion-score eval/cluster_score.py: scikit-learn-extra
+# KMedoids(n_clusters=k, random_state=seed, metric="precomputed", init="k-medoids++"), its
+# inertia_ / N, averaged over seeds 1..5), written from the reference code. ---
+
+def _ref_kpp(D, n_clusters, rs):
+    n_local_trials = 2 + int(np.log(n_clusters))
+    centers = np.empty(n_clusters, dtype=int)
+    centers[0] = rs.randint(D.shape[0])
+    closest = D[centers[0], :] ** 2
+    pot = closest.sum()
+    for ci in range(1, n_clusters):
+        rand_vals = rs.random_sample(n_local_trials) * pot
+        cand = np.searchsorted(np.cumsum(closest, dtype=np.float64), rand_vals)
+        d_cand = D[cand, :] ** 2
+        best_c, best_pot, best_d = None, None, None
+        for t in range(n_local_trials):
+            new_d = np.minimum(closest, d_cand[t])
+            new_pot = new_d.sum()
+            if best_c is None or new_pot < best_pot:
+                best_c, best_pot, best_d = cand[t], new_pot, new_d
+        centers[ci] = best_c
+        pot, closest = best_pot, best_d
+    return centers
+
+
+def _ref_kmedoids_inertia(D, n_clusters, seed, max_iter=300):
+    rs = np.random.RandomState(seed)
+    med = _ref_kpp(D, n_clusters, rs)
+    for _ in range(max_iter):
+        old = np.copy(med)
+        labels = np.argmin(D[med, :], axis=0)
+        for k in range(n_clusters):
+            idx = np.where(labels == k)[0]
+            if len(idx) == 0:
+                continue
+            costs = np.sum(D[idx, idx[:, np.newaxis]], axis=1)
+            j = np.argmin(costs)
+            if costs[j] < costs[np.argmax(idx == med[k])]:
+                med[k] = idx[j]
+        if np.all(old == med):
+            break
+    return np.sum(np.min(D[:, med], axis=1))
+
+
+def _ref_dispersion(D, k, seeds=(1, 2, 3, 4, 5)):
+    return float(np.mean([_ref_kmedoids_inertia(D, k, s) / D.shape[0] for s in seeds]))
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_dispersion_equals_the_reference_port(case):
+    rng = np.random.default_rng(100 + case)
+    n, k, dim = [(40, 4, 3), (60, 8, 5), (25, 2, 2), (50, 10, 4), (30, 3, 6), (80, 12, 3)][case]
+    centres = rng.normal(scale=4.0, size=(k, dim))
+    x = torch.from_numpy(centres[rng.integers(k, size=n)] + rng.normal(size=(n, dim)))
+    D = mse_distances(x).numpy()
+    assert dispersion_score(x, k) == pytest.approx(_ref_dispersion(D, k), rel=1e-12, abs=0)
+    for seed in (1, 7):
+        assert kmedoids(D, k, seed=seed).inertia == pytest.approx(
+            _ref_kmedoids_inertia(D, k, seed), rel=1e-12)
+    clouds = x.reshape(n, dim, 1)
+    assert dispersion_score(clouds, k, distance="chamfer") == pytest.approx(
+        _ref_dispersion(chamfer_distances(clouds).numpy(), k), rel=1e-12)
+
+
+def test_dispersion_is_the_mean_distance_to_the_medoid_averaged_over_seeds():
+    x = _clusters(8, spread=1.0)
+    D = mse_distances(x).numpy()
+    per_seed = [kmedoids(D, k=3, seed=s).inertia / len(D) for s in (1, 2, 3, 4, 5)]
+    assert dispersion_score(x, k=3) == pytest.approx(float(np.mean(per_seed)), rel=1e-15)
+    assert dispersion_score(x, k=3, seeds=(2,)) == pytest.approx(per_seed[1], rel=1e-15)
 
 
 def test_input_and_output_dispersion_of_recognising_and_identity_predictors():

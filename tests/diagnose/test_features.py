@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from steps.core.factory import build_model, save_hf
-from steps.diagnose.features import FeatureError, FeatureOptions, landscape_features
+from steps.diagnose.cka import output_cka
+from steps.diagnose.features import (
+    FeatureError,
+    FeatureOptions,
+    hessian_features,
+    landscape_features,
+    mixup_cka_inputs,
+)
 from steps.finetune.plain import plain_data, run_plain, training_subset
 
 FAST = FeatureOptions(hessian_samples=100, trace_probes=8, eigen_iterations=10, curve_epochs=2,
                       line_points=5)
 TRAIN = {"batch_size": 32, "fraction": 0.5, "seed": 0, "epochs": 5, "lr": 0.1}
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "md-tree"
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +95,52 @@ def test_bad_options_are_refused():
         FeatureOptions(trace_probes=0)
     with pytest.raises(FeatureError, match="interior"):
         FeatureOptions(curve_points=2)
+
+
+# --- features as the released MD-tree data defines them ---
+
+def test_hessian_t_is_the_log_of_the_mean_trace_over_the_seeds(trained):
+    (model, model_b), data, train = trained
+    one = hessian_features([model], train, FAST)
+    other = hessian_features([model_b], train, FAST)
+    both = hessian_features([model, model_b], train, FAST)
+    mean = (one["hessian_trace"] + other["hessian_trace"]) / 2
+    assert both["hessian_trace"] == pytest.approx(mean, rel=1e-12)
+    assert both["hessian_t"] == pytest.approx(math.log(mean), rel=1e-12)
+    assert both["hessian_seeds"] == 2 and one["hessian_seeds"] == 1
+    pair = landscape_features(model, data, train, model_b=model_b, options=FAST)
+    assert pair["hessian_t"] == pytest.approx(both["hessian_t"], rel=1e-12)
+
+
+def test_cka_averages_ordered_pairs_on_mixup_training_inputs(trained):
+    (model, model_b), data, train = trained
+    pair = landscape_features(model, data, train, model_b=model_b, options=FAST)
+    x = train[0]
+    draws = [mixup_cka_inputs(x, FAST.seed), mixup_cka_inputs(x, FAST.seed + 1)]
+    expected = (output_cka(model, model_b, draws[0]) + output_cka(model_b, model, draws[1])) / 2
+    assert pair["CKA"] == pytest.approx(expected, rel=1e-12)
+    assert pair["CKA"] != pytest.approx(output_cka(model, model_b, data.x_test), rel=1e-6)
+    # 6 batches of 128 (or all the data), a fresh mix per draw.
+    assert len(draws[0]) == min(len(x), 6 * 128)
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_diagnosis_says_when_a_released_data_tree_meets_features_computed_otherwise(
+        trained, recwarn):
+    from steps.diagnose.mdtree import MDTree, fit_mdtree, read_collection
+    from steps.diagnose.step import diagnosis
+
+    (model, model_b), data, train = trained
+    row = {"dataset": "digits", "model_kind": "mlp"} | landscape_features(
+        model, data, train, model_b=model_b, options=FAST)
+    released = read_collection(DATA / "dataframe_normal_public.csv")
+    tree = fit_mdtree(released, ["small"] * released.num_rows)
+    assert tree.fitted_on == "released"
+    assert MDTree.from_json(tree.to_json()).fitted_on == "released"
+    with pytest.warns(UserWarning, match="fitted on the released MD-tree data"):
+        result = diagnosis(tree, row)
+    assert result["features_as_released_data"] is False
+    assert any("2 seed(s)" in d for d in result["feature_differences"])
+    assert "ResNet-18 on CIFAR-10" in result["note"]
+    own = MDTree(tree.shape, tree.thresholds)
+    assert own.fitted_on == "zoo" and diagnosis(own, row)["note"] is None

@@ -15,12 +15,16 @@ from steps.core.registry import load_step
 from steps.core.sparsity import density
 from steps.core.step import run_step
 from steps.core.store import open_store
+from steps.diagnose.cka import output_cka
 from steps.diagnose.regimes import (
+    CKA_BATCH_SIZE,
+    CKA_BATCHES,
     REGIMES,
     RegimeError,
     Thresholds,
     classify_cells,
     density_summary,
+    fit_cka_threshold,
     knob_advice,
     measure_cell,
     plot_phase_map,
@@ -50,6 +54,24 @@ def test_regime_boundaries_count_equal_as_connected_and_similar():
     assert regime(0.0, 1.0, Thresholds(lmc_barrier=-1.0, cka=0.9)) == "I"
 
 
+def test_default_thresholds_are_the_sign_of_mc_and_a_cka_split_fitted_from_the_cells():
+    assert (Thresholds().lmc_barrier, Thresholds().cka) == (0.0, None)
+    rows = [cell(1, 0.5, -0.4, 0.80, 0.9), cell(2, 0.5, -0.1, 0.82, 0.9),
+            cell(3, 0.5, 0.0, 0.95, 0.9), cell(4, 0.5, -0.2, 0.96, 0.9),
+            cell(5, 0.5, 0.3, 0.99, 0.9)]  # a barrier (mc < 0): regime I, not in the fit
+    # Connected CKAs .80 .82 | .95 .96: the least within-group sum of squares cuts the gap.
+    assert fit_cka_threshold(rows, 0.0) == pytest.approx((0.82 + 0.95) / 2)
+    out = classify_cells(rows)
+    assert [c["regime"] for c in out] == ["II-A", "II-A", "II-B", "II-B", "I"]
+    assert [c["cka_threshold"] for c in out] == pytest.approx([0.885] * 5)
+    assert {c["lmc_threshold"] for c in out} == {0.0}
+    # Nothing relative to split: every connected cell is similar.
+    assert fit_cka_threshold(rows[:1], 0.0) == 0.0
+    assert fit_cka_threshold([cell(1, .5, 0.0, .9, .9), cell(2, .5, -1.0, .9, .9)], 0.0) == 0.0
+    with pytest.raises(RegimeError, match="cka_threshold: one cell cannot fit it"):
+        regime(0.0, 0.5, Thresholds())
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"lmc_barrier": math.nan}, "lmc_threshold"),
     ({"lmc_barrier": math.inf}, "lmc_threshold"),
@@ -66,7 +88,7 @@ def test_bad_thresholds_are_refused(kwargs, message):
     (math.nan, 0.9, "lmc_barrier"), (1.0, None, "cka"), (1.0, math.inf, "cka")])
 def test_bad_measurements_are_refused(lmc, cka, message):
     with pytest.raises(RegimeError, match=message):
-        regime(lmc, cka)
+        regime(lmc, cka, Thresholds(cka=0.9))
 
 
 def test_advice_raises_temperature_in_I_lowers_it_in_II_A_and_maps_to_the_knob():
@@ -180,6 +202,16 @@ def test_a_model_with_itself_is_connected_and_identical(retrained):
     assert row["measured_density"] == pytest.approx(0.3, abs=1e-3)
     with pytest.raises(RegimeError, match=">= 2 seeds"):
         measure_cell([model], data, data.train)
+
+
+def test_cka_is_measured_on_the_reference_training_batches(retrained):
+    a, b = load_model(retrained[0]), load_model(retrained[1])
+    data = plain_data("digits", a)
+    row = measure_cell([a, b], data, data.train, line_points=3)
+    inputs = data.x_train[:CKA_BATCHES * CKA_BATCH_SIZE]  # 101 batches of 64, in order
+    assert row["cka_samples"] == len(inputs) == min(len(data.x_train), 6464)
+    assert row["cka"] == pytest.approx(output_cka(a, b, inputs), rel=1e-12)
+    assert row["cka"] != pytest.approx(output_cka(a, b, data.x_test), rel=1e-6)
 
 
 def test_a_collapsed_seed_counts_as_dissimilar(retrained):

@@ -25,6 +25,7 @@ from steps.diagnose.sharpbalance import (
     member_probabilities,
     per_sample_cross_entropy,
     per_sample_scores,
+    reference_split_rule,
     select_subset,
     sharpbalance_splits,
     sharpness,
@@ -196,6 +197,50 @@ def test_splits_follow_the_rule_on_a_hand_worked_example():
     assert splits[2].sam.tolist() == [0, 1, 2, 3, 4, 5]
     flipped = sharpbalance_splits([-s0, -s1, -s2], 0.5, "flattest")
     assert all(np.array_equal(a.sam, b.sam) for a, b in zip(splits, flipped, strict=True))
+
+
+# --- ports of the released split rules (haiquanlu/SharpBalance engine.py,
+# boosting_sam_split and boosting_sam_split_boost with ascend=True, as main.py calls them),
+# written from the reference code; they return the member's SGD ("normal") indices. ---
+
+def _ref_selected(flat, ratio):
+    return np.argsort(flat)[:int(flat.shape[0] * ratio)]
+
+
+def _ref_split(flats, i, ratio, boost):
+    normal = np.arange(flats[0].shape[0])
+    sam = np.array([])
+    for j in flats:
+        if j != i:
+            sam = np.union1d(sam, _ref_selected(flats[j], ratio))
+    sharp = np.array([])
+    for j in flats:
+        sharp = np.union1d(sharp, _ref_selected(flats[j], ratio))
+    flat_indice = sorted(set(normal) - set(sharp))
+    flat_split = flat_indice[i::len(flats)]
+    if boost:
+        sharp = np.union1d(sam, sorted(set(flat_indice) - set(flat_split)))
+    else:
+        sharp = np.union1d(sam, flat_split)
+    return sorted(set(normal) - set(sharp))
+
+
+@pytest.mark.parametrize("rule", ["share", "boost"])
+@pytest.mark.parametrize("members,fraction,n", [(3, 0.5, 200), (2, 0.3, 101), (5, 0.1, 97)])
+def test_split_rules_equal_the_released_code(rule, members, fraction, n):
+    rng = np.random.default_rng(members + n)
+    scores = [rng.standard_normal(n) for _ in range(members)]
+    splits = sharpbalance_splits(scores, fraction, "flattest", rule)
+    flats = dict(enumerate(scores))
+    for i, split in enumerate(splits):
+        assert split.normal.tolist() == _ref_split(flats, i, fraction, rule == "boost")
+
+
+def test_the_split_rule_is_chosen_by_dataset_as_the_reference_does():
+    assert reference_split_rule("cifar10") == "boost"
+    assert reference_split_rule("cifar100") == "share"
+    assert reference_split_rule("digits") == "share"
+    assert EnsembleConfig().dataset == "cifar10" and EnsembleConfig().split_rule is None
 
 
 @pytest.mark.parametrize("members,fraction", [(1, 0.5), (2, 0.3), (3, 0.5), (5, 0.1)])

@@ -112,8 +112,8 @@ def test_block_by_block_capture_matches_a_full_forward(
         for layer_name, stats in block.stats.items():
             sq_norms, hessian = expected[layer_name]
             assert stats.tokens == calibration_ids.numel()
-            torch.testing.assert_close(stats.sq_norms, sq_norms, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(stats.hessian, hessian, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(stats.sq_norms.float(), sq_norms, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(stats.hessian.float(), hessian, rtol=1e-4, atol=1e-3)
             seen += 1
     assert seen == len(expected)
 
@@ -127,7 +127,7 @@ def test_next_block_sees_the_modified_block(calibration_ids: torch.Tensor) -> No
             weight_matrix(block.layers["model.layers.0.mlp.down_proj"]).zero_()
         else:
             changed = block.stats[last].sq_norms
-    assert not torch.allclose(changed, dense[last][0], rtol=1e-3)
+    assert not torch.allclose(changed.float(), dense[last][0], rtol=1e-3)
 
 
 @pytest.mark.parametrize("name", TINY_LMS)
