@@ -16,3 +16,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # Spectral analysis of a LLaMA-7B-shaped checkpoint (random float16 weights, 13.5 GB on disk),
 # streamed from its shards with same-shape matrices batched on the GPU: target < 60 s.
 "$PYTHON" bench/spectral_7b.py --device cuda --dir "${TMPDIR:-/tmp}/tailwise-llama7b"
+# FARMS on the GPU: the same checkpoint's first 4 blocks, 10 x 10 windows of 2000 x 2000 per matrix.
+"$PYTHON" bench/spectral_7b.py --device cuda --dir "${TMPDIR:-/tmp}/tailwise-llama7b-4" --layers 4 --farms
