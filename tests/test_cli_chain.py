@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_workspace import tiny_llama_workspace
 
 from steps.cli import main
-from steps.core.factory import build_model, byte_tokenizer, save_hf
+from steps.core.factory import build_model, save_hf
 from steps.core.registry import load_step
 from steps.core.step import cache_key
 
@@ -64,13 +65,7 @@ def assert_one_line_error(done: Done, *phrases: str) -> str:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-chain")
-    model = save_hf(build_model("tiny-llama", seed=0), byte_tokenizer(), root / "llama")
-    text = root / "text.txt"
-    text.write_text("In the beginning God created the heaven and the earth. " * 300)
-    env = {"TAILWISE_STORE": str(root / "store"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    return root, model, text, env
+    return tiny_llama_workspace(tmp_path_factory.mktemp("cli-chain"))
 
 
 def manifest_of(root, digest: str) -> dict:

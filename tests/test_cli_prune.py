@@ -10,8 +10,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from steps.core.factory import build_model, byte_tokenizer, save_hf
+from cli_workspace import tiny_llama_workspace
 
 
 def tailwise(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -21,13 +20,7 @@ def tailwise(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-prune")
-    model = save_hf(build_model("tiny-llama", seed=0), byte_tokenizer(), root / "llama")
-    text = root / "text.txt"
-    text.write_text("In the beginning God created the heaven and the earth. " * 300)
-    env = {"TAILWISE_STORE": str(root / "store"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    return root, model, text, env
+    return tiny_llama_workspace(tmp_path_factory.mktemp("cli-prune"))
 
 
 def test_spectral_allocate_prune_evaluate(setup):
