@@ -14,6 +14,7 @@ from steps.cli import (  # noqa: F401  (each module registers its commands on `a
     finetune,
     lineage,
     prune,
+    run,
     spectral,
     store,
 )
