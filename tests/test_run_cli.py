@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,20 @@ def test_prunability_and_ctrl_c_resumes_from_the_finished_steps(tmp_path, prefec
     assert "step build_model: cached" in again.stderr
     assert len(table_rows(again.stdout, "16")) == 1  # the one cell, classified
     assert re.search(r"audit it\s+: tailwise lineage [0-9a-f]{12}", again.stdout)
+
+
+def test_deployment_submits_a_run_of_the_served_deployment(prefect_api):
+    from prefect import get_client
+
+    failed = CliRunner().invoke(app, ["run", "alpha_prune", "--deployment"])
+    assert "no deployment alpha_prune/alpha_prune" in str(failed.exception)
+    deployment_id = FLOWS["alpha_prune"].flow.to_deployment(name="alpha_prune").apply()
+    output = invoke("run", "alpha_prune", "--deployment", "-p", "sparsity=0.6",
+                    "-p", "settings.executor=threads")
+    flow_run_id = re.search(r"submitted alpha_prune/alpha_prune: flow run \S+ \((\S+)\)",
+                            output).group(1)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(uuid.UUID(flow_run_id))
+    assert flow_run.deployment_id == deployment_id
+    assert flow_run.parameters["params"]["sparsity"] == 0.6
+    assert flow_run.parameters["settings"]["executor"] == "threads"

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from steps.cli.app import StoreOption, app, run_and_report
-from steps.cli.run import assignments, merge, run_flow
+from steps.cli.run import assignments, merge, prefect_defaults, run_flow
 
 # The mission on a 2-core CPU in a few minutes: Wanda at 70 % on SmolLM2-135M. Calibration
 # and evaluation are far smaller than the papers' (128 x 2048 tokens), so the numbers are
@@ -44,6 +44,7 @@ def demo(
     Runs the alpha_prune flow on the embedded default (no servers), prints the perplexity
     table, the HT-SR report and the lineage command. A rerun reuses every step.
     """
+    prefect_defaults()
     from flows.registry import lookup
 
     entry = lookup("alpha_prune")

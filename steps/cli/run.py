@@ -45,6 +45,7 @@ def run_command(
     = False,
 ) -> None:
     """Run a flow (on the embedded default, or $PREFECT_API_URL) and say where to look."""
+    prefect_defaults()
     from flows.registry import FLOWS, lookup
 
     if list_flows or flow is None:
@@ -177,8 +178,6 @@ def read_params_file(path: Path) -> dict[str, Any]:
 
 def run_flow(entry: Any, params: Any, settings: Any, note: str | None = None) -> None:
     """Run the flow in this process, then print its result (and `note`) and where to look."""
-    # Prefect's ephemeral API server can take longer than its 20 s default on a small machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from prefect.settings import PREFECT_API_URL
 
     where = PREFECT_API_URL.value() or "the embedded Prefect (ephemeral)"
@@ -196,6 +195,12 @@ def run_flow(entry: Any, params: Any, settings: Any, note: str | None = None) ->
     if note:
         console.print(note, soft_wrap=True)
     where_to_look(result, settings, str(state.state_details.flow_run_id))
+
+
+def prefect_defaults() -> None:
+    """Before Prefect is imported (it reads its settings then): its ephemeral API server can
+    take longer than its 20 s default to start on a small machine."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def resume_command() -> str:
