@@ -19,6 +19,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -238,17 +239,27 @@ def show_result(flow: str, result: Any) -> None:
     """Tables for lists of rows, one line per other value (digests as they are)."""
     console.rule(f"{flow} finished")
     if is_rows(result):
-        console.print(rows_table(result))
+        print_table(rows_table(result))
         return
     for key, value in (result.items() if isinstance(result, dict) else [("result", result)]):
         if is_rows(value):
-            console.print(rows_table(value, title=key))
+            print_table(rows_table(value, title=key))
         elif hasattr(value, "outputs"):  # a StepResult
             state = "cached" if value.cached else "computed"
             for name, manifest in value.outputs.items():
                 console.print(f"{key}.{name}: {manifest.digest}  ({state})", soft_wrap=True)
         else:
             console.print(f"{key}: {value}", soft_wrap=True, markup=False)
+
+
+def print_table(table: Table) -> None:
+    """On a terminal, fit its width; in a file or pipe (80 columns to rich), keep every cell
+    whole on one line."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = Console(width=10_000).measure(table).maximum
+    Console(width=width, no_color=console.no_color).print(table)
 
 
 def is_rows(value: Any) -> bool:
@@ -329,6 +340,8 @@ def final_artifact(store: Any, result: Any) -> tuple[str, Any] | None:
 
 
 def digests_in(value: Any) -> list[str]:
+    if hasattr(value, "digests"):  # a StepResult
+        return list(value.digests().values())
     if isinstance(value, str):
         return [value] if DIGEST.fullmatch(value) else []
     if isinstance(value, dict):
