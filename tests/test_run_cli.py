@@ -21,6 +21,7 @@ from steps.cli.run import assignments, merge, read_params_file
 from steps.core.errors import ParamsError
 from steps.core.factory import build_model, save_hf
 from steps.core.store import open_store
+from steps.diagnose.regimes import REGIMES
 
 TAILWISE = [sys.executable, "-m", "steps.cli"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +196,8 @@ def test_prunability_and_ctrl_c_resumes_from_the_finished_steps(tmp_path, prefec
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "step build_model: cached" in again.stderr
-    assert len(table_rows(again.stdout, "16")) == 1  # the one cell, classified
+    (cell,) = table_rows(again.stdout, "digits")  # the one cell, classified
+    assert cell[1:4] == ["batch_size", "16", "0.5"] and cell[-3] in REGIMES
     assert re.search(r"audit it\s+: tailwise lineage [0-9a-f]{12}", again.stdout)
 
 
