@@ -30,6 +30,8 @@ system-deps:
 	  else echo "note: run 'sudo apt-get install bible-kjv fortunes chromium' (corpora; browser tests)"; fi; \
 	fi
 
+# AlphaPruning beside uniform (Wanda, 70 %) on SmolLM2-135M: the table, the HT-SR report,
+# the lineage command (a quick CPU setting; `tailwise run demo` is the tiny flow).
 demo: install
 	$(BIN)/tailwise demo
 

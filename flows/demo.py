@@ -16,10 +16,10 @@ class DemoParams(BaseModel):
 
 @flow(name="demo", log_prints=True)
 def demo(params: DemoParams = DemoParams(), settings: RunSettings = RunSettings()) -> dict:
-    """build_model -> spectral; returns the step results by step name."""
+    """build_model -> spectral; returns the step results by step name (`tailwise run demo`
+    prints their digests, the MLflow run and the lineage command)."""
     with flow_run_context("demo", settings, params.model_dump()) as run:
         model = run.step("build_model", {"name": params.model, "seed": params.seed})
         spectral = run.step("spectral", {"estimator": params.estimator},
                             {"model": model.digests()["model"]})
-    return {"build_model": model, "spectral": spectral, "parent_run_id": run.parent_run_id,
-            "store": run.store.url, "tracking_uri": run.tracker.tracking_uri}
+    return {"build_model": model, "spectral": spectral}

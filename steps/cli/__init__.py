@@ -16,6 +16,7 @@ from steps.cli import (  # noqa: F401  (each module registers its commands on `a
     lineage,
     prune,
     report,
+    run,
     spectral,
     store,
 )
