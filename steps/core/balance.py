@@ -19,7 +19,15 @@ class TempBalanceOptions(BaseModel):
     metric: str = Field("alpha", description="metric column (hill alpha in the papers)")
     lr_min: float = Field(0.5, gt=0, description="linear: factor at the lowest alpha")
     lr_max: float = Field(1.5, gt=0, description="linear: factor at the highest alpha")
-    scale: float = Field(1.0, gt=0, description="sigmoid: s, factors span 10^(+-s/2)")
+    scale: float | None = Field(
+        None, gt=0, description="sigmoid: one s for both sides (instead of scale_low/high)"
+    )
+    scale_low: float = Field(
+        2.0, gt=0, description="sigmoid: s below the mean alpha (reference sigmoid_min)"
+    )
+    scale_high: float = Field(
+        1.0, gt=0, description="sigmoid: s above the mean alpha (reference sigmoid_max)"
+    )
     by_block: bool | None = Field(
         None, description="use block means; default False for linear, True for sigmoid"
     )
@@ -30,7 +38,16 @@ class TempBalanceOptions(BaseModel):
     def _check_range(self) -> TempBalanceOptions:
         if self.lr_min > self.lr_max:
             raise ValueError(f"lr_min {self.lr_min} > lr_max {self.lr_max}")
+        if self.scale is not None and self.model_fields_set & {"scale_low", "scale_high"}:
+            raise ValueError("give scale, or scale_low / scale_high, not both")
         return self
+
+    @property
+    def sigmoid_scales(self) -> tuple[float, float]:
+        """(s below the mean alpha, s above it); ``scale`` sets both."""
+        if self.scale is not None:
+            return self.scale, self.scale
+        return self.scale_low, self.scale_high
 
     @property
     def blockwise(self) -> bool:
@@ -70,14 +87,18 @@ def lr_factors(
         unit = min_max_unit(score[included])
         factor[included] = options.lr_min + unit * (options.lr_max - options.lr_min)
     else:
-        factor[included] = _sigmoid_factors(score[included], groups[included], options.scale)
+        factor[included] = _sigmoid_factors(score[included], groups[included],
+                                            *options.sigmoid_scales)
     return score, factor
 
 
-def _sigmoid_factors(score: np.ndarray, groups: np.ndarray, scale: float) -> np.ndarray:
-    """10^phi, phi = s * (sigmoid(10 * (alpha_b - mean alpha)) - 0.5); mean over blocks."""
+def _sigmoid_factors(score: np.ndarray, groups: np.ndarray, low: float,
+                     high: float) -> np.ndarray:
+    """10^phi, phi = s * (sigmoid(10 * (alpha_b - mean alpha)) - 0.5); mean over blocks;
+    s = ``high`` above the mean, ``low`` at or below it (the TB_Sigmoid reference's
+    sigmoid_max / sigmoid_min, defaults 1 and 2)."""
     _, first = np.unique(groups, return_index=True)
     centred = score - score[first].mean()
     # sigmoid(z) - 0.5 == tanh(z / 2) / 2, which cannot overflow.
-    phi = scale * np.tanh(5 * centred) / 2
+    phi = np.where(centred > 0, high, low) * np.tanh(5 * centred) / 2
     return 10.0**phi

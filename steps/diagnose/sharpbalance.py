@@ -24,6 +24,7 @@ BatchNorm running statistics are updated by every forward pass, the perturbed on
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -294,54 +295,193 @@ def train_ensemble(factory: Callable[[int], nn.Module], x: torch.Tensor, y: torc
 # -------------------------------------------------------------------------- metrics
 
 
-def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float, *,
-              adaptive: bool = False, steps: int = 5,
-              criterion: Criterion = per_sample_cross_entropy) -> float:
-    """Worst-case sharpness max_{||e|| <= rho} L(w + e) - L(w) of the mean loss on (x, y),
-    estimated by ``steps`` normalised gradient-ascent steps of size 2 rho / steps, each
-    projected back onto the ball; the largest increase seen (>= 0, e = 0 included).
+SharpnessKind = Literal["worst", "average"]
+PerturbationNorm = Literal["l2", "linf"]
 
-    ``adaptive``: the ball is || e / |w| || <= rho (ASAM's adaptive sharpness); the ascent
-    runs in u = e / |w|. The model is not modified (eval mode, functional calls).
+APGD_MOMENTUM = 0.75  # weight of the new point against the previous perturbation
+APGD_MIN_UPDATE_RATIO = 0.75  # share of improving steps a checkpoint interval needs
+APGD_STEP_DECAY = 0.5  # step-size factor when a checkpoint finds the ascent stalled
+LOGIT_NORM_FLOOR = 1e-10
+ELLIPSOID_TOLERANCE = 1e-5  # the adaptive l2 projection's bisection stops this close to rho
+
+
+def sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float, *,
+              kind: SharpnessKind = "worst", norm: PerturbationNorm = "l2",
+              adaptive: bool = True, normalize_logits: bool = True,
+              n_iters: int | None = None, batch_size: int = 5, max_batches: int = 100,
+              generator: torch.Generator | None = None,
+              criterion: Criterion = per_sample_cross_entropy) -> float:
+    """Sharpness as SharpBalance measures it (measure_sharpness.py, after Andriushchenko et
+    al. 2023, "A modern look at the relationship between sharpness and generalization").
+
+    (x, y) is cut, in its order, into batches of ``batch_size`` (the reference: 5 shuffled
+    training samples), the first ``max_batches`` (100) used; the result is the mean over
+    batches of L(w + delta) - L(w) for the mean loss of the batch.
+
+    ``kind`` "worst": max over ||delta|| <= rho by APGD on the weights, ``n_iters`` 20 (the
+    reference's eval_APGD_sharpness); "average": the mean over ``n_iters`` 100 random delta
+    (eval_average_sharpness: Gaussian N(0, rho^2) per weight for "l2", uniform in [-rho, rho]
+    for "linf", drawn from ``generator``). ``adaptive``: delta scaled by |w| (the ball is
+    ||delta / |w| || <= rho). ``normalize_logits``: the logits are centred and divided by
+    their norm before the loss (LogitNormalizationWrapper). The model is not modified
+    (eval mode, functional calls).
     """
-    params = {k: p.detach() for k, p in model.named_parameters()}
+    if kind not in ("worst", "average"):
+        raise ValueError(f"sharpness kind must be 'worst' or 'average', got {kind!r}")
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"perturbation norm must be 'l2' or 'linf', got {norm!r}")
+    iters = n_iters if n_iters is not None else (20 if kind == "worst" else 100)
+    w0 = {k: p.detach() for k, p in model.named_parameters()}
     buffers = {k: b.detach() for k, b in model.named_buffers()}
-    scale = {k: p.abs() if adaptive else torch.ones_like(p) for k, p in params.items()}
+    scale = {k: p.abs() if adaptive else torch.ones_like(p) for k, p in w0.items()}
     was_training = model.training
     model.eval()
-
-    def loss_at(u: dict[str, torch.Tensor]) -> torch.Tensor:
-        shifted = {k: p + scale[k] * u[k] for k, p in params.items()}
-        return criterion(functional_call(model, (shifted, buffers), (x,)), y).mean()
-
     try:
-        u = {k: torch.zeros_like(p) for k, p in params.items()}
-        base = float(loss_at(u))
-        worst = base
-        for _ in range(steps):
-            u = {k: v.requires_grad_() for k, v in u.items()}
-            g = dict(zip(u, torch.autograd.grad(loss_at(u), list(u.values())), strict=True))
-            with torch.no_grad():
-                u = _project(_ascend(u, g, 2.0 * rho / steps), rho)
-                worst = max(worst, float(loss_at(u)))
+        values = []
+        for xb, yb in itertools.islice(zip(x.split(batch_size), y.split(batch_size),
+                                           strict=True), max_batches):
+            def loss_at(w: dict[str, torch.Tensor], xb=xb, yb=yb) -> torch.Tensor:
+                out = functional_call(model, (w, buffers), (xb,))
+                return criterion(_normalised(out) if normalize_logits else out, yb).mean()
+
+            if kind == "worst":
+                values.append(_apgd_worst_case(loss_at, w0, scale, rho, norm, adaptive, iters))
+            else:
+                values.append(_average_case(loss_at, w0, scale, rho, norm, iters, generator))
     finally:
         model.train(was_training)
-    return worst - base
+    return float(np.mean(values))
+
+
+def _normalised(logits: torch.Tensor) -> torch.Tensor:
+    centred = logits - logits.mean(dim=-1, keepdim=True)
+    return centred / centred.norm(dim=-1, keepdim=True).clamp_min(LOGIT_NORM_FLOOR)
+
+
+def apgd_checkpoints(n_iters: int) -> list[int]:
+    """Iterations at which APGD checks its progress (Croce and Hein 2020): at fractions
+    0.22, then intervals shrinking by 0.03 down to 0.06, of ``n_iters``."""
+    fractions, points = [0.0, 0.22], [0, math.ceil(n_iters * 0.22)]
+    while points[-1] < n_iters and points[-1] != points[-2]:
+        fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
+        points.append(math.ceil(fractions[-1] * n_iters))
+    return points[1:]
+
+
+Params = dict[str, torch.Tensor]
+
+
+def _apgd_worst_case(loss_at: Callable[[Params], torch.Tensor], w0: Params, scale: Params,
+                     rho: float, norm: PerturbationNorm, adaptive: bool, n_iters: int
+                     ) -> float:
+    """Largest loss increase APGD finds in the ball, starting from delta = 0.
+
+    As the reference, a stalled checkpoint halves the step and takes the next gradient at
+    the best point so far, while the perturbation itself carries on from the last iterate.
+    """
+    checkpoints = set(apgd_checkpoints(n_iters))
+    init = float(loss_at(w0))
+    delta = {k: torch.zeros_like(v) for k, v in w0.items()}
+    previous, at, best_at = delta, w0, w0
+    worst = prev_worst = init
+    step = prev_step = 2.0 * rho
+    last_checkpoint = improvements = 0
+    for i in range(n_iters):
+        grads = _gradient(loss_at, at)
+        ascended = _project(_ascend(delta, grads, scale, step, norm), scale, rho, norm,
+                            adaptive)
+        delta, previous = ({k: APGD_MOMENTUM * ascended[k] + (1 - APGD_MOMENTUM) * previous[k]
+                            for k in delta}, delta)
+        at = {k: w0[k] + delta[k] for k in w0}
+        loss = float(loss_at(at))
+        if loss > worst:
+            worst, best_at, improvements = loss, at, improvements + 1
+        if i in checkpoints:
+            too_few = improvements < APGD_MIN_UPDATE_RATIO * (i - last_checkpoint)
+            no_progress = prev_step == step and prev_worst == worst
+            prev_step, prev_worst, last_checkpoint, improvements = step, worst, i, 0
+            if too_few or no_progress:
+                step *= APGD_STEP_DECAY
+                at = best_at
+    return worst - init
+
+
+def _gradient(loss_at: Callable[[Params], torch.Tensor], at: Params) -> Params:
+    leaves = {k: v.detach().requires_grad_() for k, v in at.items()}
+    return dict(zip(leaves, torch.autograd.grad(loss_at(leaves), list(leaves.values())),
+                    strict=True))
+
+
+def _ascend(delta: Params, grads: Params, scale: Params, step: float,
+            norm: PerturbationNorm) -> Params:
+    """One ascent step: the l2-normalised gradient, or its sign for linf, times |w| if
+    adaptive."""
+    if norm == "linf":
+        return {k: delta[k] + step * grads[k].sign() * scale[k] for k in delta}
+    size = step / (_norm(grads) + GRAD_NORM_EPS)
+    return {k: delta[k] + size * grads[k] * scale[k] for k in delta}
+
+
+def _project(delta: Params, scale: Params, rho: float, norm: PerturbationNorm,
+             adaptive: bool) -> Params:
+    """Back into {||delta / scale|| <= rho}: clipping for linf; for l2 a rescaling onto the
+    ball, or if adaptive the Euclidean projection onto the ellipsoid by bisection."""
+    if norm == "linf":
+        return {k: torch.maximum(torch.minimum(v, rho * scale[k]), -rho * scale[k])
+                for k, v in delta.items()}
+    if not adaptive:
+        length = _norm(delta)
+        return {k: v * (rho / length) for k, v in delta.items()} if length > rho else delta
+    return _project_ellipsoid(delta, scale, rho)
+
+
+def _project_ellipsoid(delta: Params, scale: Params, rho: float) -> Params:
+    """delta / (1 + 2 lambda / scale^2) with lambda found by the reference's bisection
+    (start 0.1 in [0, 10], the upper end doubled when approached) until the scaled norm is
+    within ELLIPSOID_TOLERANCE of rho. A zero weight makes the scaled norm NaN and, as in the
+    reference, leaves delta unprojected. Runs on one flat vector (the loop is the cost)."""
+    flat = torch.cat([v.flatten() for v in delta.values()])
+    inverse = torch.cat([(1 / s).flatten() for s in scale.values()])
+    length = float((flat * inverse).norm())
+    if not length > rho:
+        return delta
+    lmbd, low, high, limit = 0.1, 0.0, 10.0, 10.0
+    shrunk, inverse_sq = flat, inverse.square()
+    while abs(length - rho) > ELLIPSOID_TOLERANCE:
+        shrunk = flat / (1 + 2 * lmbd * inverse_sq)
+        length = float((shrunk * inverse).norm())
+        if length > rho:
+            lmbd, low = (lmbd + high) / 2, lmbd
+        else:
+            lmbd, high = (low + lmbd) / 2, lmbd
+        if limit - high < 1e-2:
+            limit, high = limit * 2, high * 2
+    pieces = shrunk.split([v.numel() for v in delta.values()])
+    return {k: piece.view_as(v) for (k, v), piece in zip(delta.items(), pieces, strict=True)}
+
+
+def _average_case(loss_at: Callable[[Params], torch.Tensor], w0: Params, scale: Params,
+                  rho: float, norm: PerturbationNorm, n_iters: int,
+                  generator: torch.Generator | None) -> float:
+    """Mean loss increase over ``n_iters`` random perturbations, drawn parameter by
+    parameter in named_parameters order."""
+    init = float(loss_at(w0))
+    total = 0.0
+    for _ in range(n_iters):
+        noisy = {k: w + rho * scale[k] * _noise(w, norm, generator) for k, w in w0.items()}
+        total += float(loss_at(noisy))
+    return total / n_iters - init
+
+
+def _noise(like: torch.Tensor, norm: PerturbationNorm,
+           generator: torch.Generator | None) -> torch.Tensor:
+    if norm == "l2":
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype)
+    return 2 * torch.rand(like.shape, generator=generator, dtype=like.dtype) - 1
 
 
 def _norm(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([v.norm() for v in t.values()]))
-
-
-def _ascend(u: dict[str, torch.Tensor], g: dict[str, torch.Tensor],
-            size: float) -> dict[str, torch.Tensor]:
-    step = size / (_norm(g) + GRAD_NORM_EPS)
-    return {k: u[k].detach() + step * g[k] for k in u}
-
-
-def _project(u: dict[str, torch.Tensor], rho: float) -> dict[str, torch.Tensor]:
-    shrink = torch.clamp(rho / (_norm(u) + GRAD_NORM_EPS), max=1.0)
-    return {k: v * shrink for k, v in u.items()}
 
 
 @torch.no_grad()

@@ -73,6 +73,35 @@ def test_sigmoid_block_variant_formula():
     np.testing.assert_allclose(decisions["score"].to_numpy(), [1, 1, 2, 2, 3, 3])
 
 
+def _reference_block_sigmoid(block_alphas, sigmoid_min, sigmoid_max, exp_temp=10.0):
+    """Port of the TB_Sigmoid reference (ModelBalancing esd_utils.py, schedule_func
+    "sigmoid"): stage_sigmoid on block-mean alpha minus the mean over blocks."""
+    diffs = np.asarray(block_alphas, dtype=np.float64) - np.mean(block_alphas)
+    factors = [(sigmoid_max if x > 0 else sigmoid_min) * (1 / (1 + np.exp(-exp_temp * x)) - 0.5)
+               for x in diffs]
+    return 10 ** np.array(factors)
+
+
+@pytest.mark.parametrize("options,sides", [({}, (2.0, 1.0)),
+                                           ({"scale_low": 0.25, "scale_high": 1.25},
+                                            (0.25, 1.25)),
+                                           ({"scale": 0.5}, (0.5, 0.5))])
+def test_sigmoid_scales_below_and_above_the_mean_match_the_reference(options, sides):
+    # Block means 1.0, 1.9, 2.25, 2.85: two blocks on each side of the mean 2.0.
+    table = layer_table([0.5, 1.5, 2.0, 1.8, 2.5, 2.0, 3.2, 2.5], per_block=2)
+    decisions = allocate(table, "tempbalance", variant="sigmoid", exclude_first_last=False,
+                         **options)
+    expected = _reference_block_sigmoid([1.0, 1.9, 2.25, 2.85], *sides)
+    np.testing.assert_allclose(decisions["lr_factor"].to_numpy(), np.repeat(expected, 2),
+                               rtol=1e-12)
+
+
+def test_sigmoid_scale_and_side_scales_together_are_rejected():
+    with pytest.raises(AllocationError, match="scale"):
+        allocate(layer_table([1.0, 2.0, 3.0]), "tempbalance", variant="sigmoid", scale=1.0,
+                 scale_low=0.5)
+
+
 def test_sigmoid_bounds_and_monotone(llama7b):
     decisions = allocate(llama7b, "tempbalance", variant="sigmoid", metric="alpha_peak", scale=2.0)
     factor = decisions["lr_factor"].to_numpy()

@@ -288,35 +288,6 @@ def test_disagreement_and_variance_of_identical_and_of_known_members():
     assert known.output_variance == pytest.approx(float((2 * (diffs / 2) ** 2).mean()))
 
 
-def _least_squares(w: torch.Tensor) -> nn.Module:
-    model = nn.Linear(len(w), 1, bias=False).double()
-    with torch.no_grad():
-        model.weight.copy_(w[None])
-    return model
-
-
-def _squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (out.squeeze(-1) - target) ** 2
-
-
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_sharpness_reaches_the_closed_form_worst_case(adaptive):
-    # L(w) = ||w - y||^2 / d on X = I: L(w + e) - L(w) = (2 (w - y).e + ||e||^2) / d, whose
-    # maximum on ||e|| <= r is (2 r ||w - y|| + r^2) / d. Adaptive with |w_i| = c: r = c rho.
-    d, rho = 6, 0.3
-    w = 0.5 * torch.tensor([1, -1, 1, 1, -1, 1], dtype=torch.float64)
-    y = torch.linspace(-1, 1, d, dtype=torch.float64)
-    model = _least_squares(w)
-    r = 0.5 * rho if adaptive else rho
-    expected = (2 * r * float((w - y).norm()) + r**2) / d
-    got = sharpness(model, torch.eye(d, dtype=torch.float64), y, rho, adaptive=adaptive, steps=4,
-                    criterion=_squared_error)
-    assert got == pytest.approx(expected, rel=1e-10)
-    assert torch.equal(model.weight[0], w)  # not modified
-    assert sharpness(model, torch.eye(d, dtype=torch.float64), y, 0.0,
-                     criterion=_squared_error) == 0.0
-
-
 def test_blur_keeps_constant_images_and_smooths_an_impulse():
     flat = torch.full((2, 1, 8, 8), 3.0, dtype=torch.float64)
     assert torch.allclose(gaussian_blur(flat, 1.0), flat, atol=1e-12)
@@ -352,10 +323,12 @@ def test_short_sharpbalance_run_on_digits():
                   metrics.disagreement_error_ratio, metrics.output_variance]
         assert all(math.isfinite(v) for v in values)
     assert clean.disagreement > 0
-    sub = x[:256], y[:256]
-    sharp = [sharpness(m, *sub, rho=0.2) for m in ensemble.models]
-    adaptive = [sharpness(m, *sub, rho=0.2, adaptive=True) for m in ensemble.models]
-    assert all(math.isfinite(s) and s >= 0 for s in sharp + adaptive)
+    sub = x[:20], y[:20]
+    worst = [sharpness(m, *sub, rho=0.2) for m in ensemble.models]
+    average = [sharpness(m, *sub, rho=0.05, kind="average", norm="linf",
+                         generator=torch.Generator().manual_seed(0)) for m in ensemble.models]
+    assert all(math.isfinite(s) and s >= 0 for s in worst)
+    assert all(math.isfinite(s) for s in average)
     again = train_ensemble(lambda s: build_model("mlp", seed=s), x, y, config)  # deterministic
     assert all(torch.equal(p, q) for a, b in zip(ensemble.models, again.models, strict=True)
                for p, q in zip(a.parameters(), b.parameters(), strict=True))

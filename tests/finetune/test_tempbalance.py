@@ -280,10 +280,14 @@ class Blocks(nn.Module):
                 linear.weight.data = torch.tensor(values, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("scale", [0.5, 2.0])
-def test_sigmoid_rule_is_the_formula_on_block_means(scale):
+@pytest.mark.parametrize("kwargs,sides", [({"scale": 0.5}, (0.5, 0.5)),
+                                          ({"scale": 2.0}, (2.0, 2.0)),
+                                          ({}, (2.0, 1.0)),  # the reference's defaults
+                                          ({"scale_low": 0.25, "scale_high": 1.25},
+                                           (0.25, 1.25))])
+def test_sigmoid_rule_is_the_formula_on_block_means(kwargs, sides):
     model = Blocks()
-    tb, optimizer = _tb(model, rule="sigmoid", scale=scale)
+    tb, optimizer = _tb(model, rule="sigmoid", **kwargs)
     tb.step()
     record = tb.history[-1]
     table = analyze(model, estimator="hill", hill_k=1.5, device="cpu", min_evals=50, workers=1)
@@ -292,6 +296,8 @@ def test_sigmoid_rule_is_the_formula_on_block_means(scale):
                    for b in range(3)]  # fmt: skip
     mean = np.mean(block_alpha)
     for b, a_b in enumerate(block_alpha):
+        # The reference's stage_sigmoid: sigmoid_max above the mean, sigmoid_min otherwise.
+        scale = sides[1] if a_b - mean > 0 else sides[0]
         phi = scale * (1 / (1 + math.exp(-10 * (a_b - mean))) - 0.5)
         for m in ("q", "up", "down"):
             assert record.factors[f"layers.{b}.{m}"] == pytest.approx(10**phi, rel=1e-12)

@@ -167,7 +167,9 @@ class TempBalance:
     rule: "linear" (TB: alpha's range mapped onto lr_range) or "sigmoid" (TB_Sigmoid).
     lr_range: (low, high) factors of the linear rule, 0 < low < high.
     hill_k: xmin at n / hill_k of the sorted ESD; default 2 (linear) or 1.5 (sigmoid).
-    scale: s of the sigmoid rule (factors span 10^(+-s/2)).
+    scale_low / scale_high: s of the sigmoid rule for blocks below / above the mean alpha
+        (the reference's sigmoid_min 2 and sigmoid_max 1: factors in [10^-1, 10^0.5]);
+        ``scale`` sets both (factors span 10^(+-s/2)).
     by_block: factors from block means (default: True for sigmoid, False for linear).
     every_steps: recompute every K calls of step() instead of on every call.
     exclude_first_last / min_evals: the first and last layers, and layers whose ESD has fewer
@@ -190,7 +192,9 @@ class TempBalance:
         rule: Rule = "linear",
         lr_range: tuple[float, float] = (0.5, 1.5),
         hill_k: float | None = None,
-        scale: float = 1.0,
+        scale: float | None = None,
+        scale_low: float = 2.0,
+        scale_high: float = 1.0,
         by_block: bool | None = None,
         every_steps: int | None = None,
         exclude_first_last: bool = True,
@@ -198,7 +202,7 @@ class TempBalance:
         device: str | None = None,
         groups: Grouping = "layer",
     ):
-        self.options = _options(rule, lr_range, scale, by_block)
+        self.options = _options(rule, lr_range, (scale, scale_low, scale_high), by_block)
         self.hill_k = float(hill_k if hill_k is not None else (2.0 if rule == "linear" else 1.5))
         if self.hill_k < 1.0:
             raise TempBalanceError(f"hill_k must be >= 1, got {hill_k}")
@@ -336,16 +340,23 @@ class TempBalance:
 
 
 def _options(
-    rule: str, lr_range: tuple[float, float], scale: float, by_block: bool | None
+    rule: str,
+    lr_range: tuple[float, float],
+    scales: tuple[float | None, float, float],
+    by_block: bool | None,
 ) -> TempBalanceOptions:
     if rule not in ("linear", "sigmoid"):
         raise TempBalanceError(f"unknown rule {rule!r}; choose 'linear' or 'sigmoid'")
     low, high = (float(v) for v in lr_range)
     if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
         raise TempBalanceError(f"lr_range must be (low, high) with 0 < low < high, got {lr_range}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise TempBalanceError(f"scale must be > 0, got {scale}")
-    return TempBalanceOptions(variant=rule, lr_min=low, lr_max=high, scale=scale, by_block=by_block)
+    scale, scale_low, scale_high = scales
+    for name, value in (("scale", scale), ("scale_low", scale_low), ("scale_high", scale_high)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise TempBalanceError(f"{name} must be > 0, got {value}")
+    sigmoid = ({"scale": scale} if scale is not None
+               else {"scale_low": scale_low, "scale_high": scale_high})
+    return TempBalanceOptions(variant=rule, lr_min=low, lr_max=high, by_block=by_block, **sigmoid)
 
 
 def _included(infos: list[MatrixInfo], exclude_first_last: bool, min_evals: int) -> np.ndarray:
