@@ -293,7 +293,9 @@ class FinetuneConfig:
     tempbalance: Literal["none", "linear", "sigmoid"] = "none"
     tb_low: float = 0.5  # linear rule: factor range
     tb_high: float = 1.5
-    tb_scale: float = 1.0  # sigmoid rule: s (factors span 10^(+-s/2))
+    tb_scale: float | None = None  # sigmoid rule: one s for both sides, else the two below
+    tb_scale_low: float = 2.0  # sigmoid rule: s below the mean alpha (the reference's)
+    tb_scale_high: float = 1.0  # ... and above it
     tb_every_steps: int | None = None  # None: per epoch (linear), TB_Sigmoid's K (sigmoid)
     max_length: int = 128
     seed: int = 0
@@ -341,7 +343,8 @@ def _tempbalance_options(config: FinetuneConfig, steps_per_epoch: int) -> dict |
     if every is None and config.tempbalance == "sigmoid":
         every = sigmoid_interval(steps_per_epoch)
     return {"rule": config.tempbalance, "lr_range": (config.tb_low, config.tb_high),
-            "scale": config.tb_scale, "every_steps": every, "device": config.device}
+            "scale": config.tb_scale, "scale_low": config.tb_scale_low,
+            "scale_high": config.tb_scale_high, "every_steps": every, "device": config.device}
 
 
 # ------------------------------------------------------------------------- saving

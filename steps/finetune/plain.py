@@ -127,7 +127,9 @@ def tempbalance_options(params: dict[str, Any]) -> dict[str, Any] | None:
         options = {"rule": "linear", "lr_range": (params.get("tb_low", 0.5),
                                                   params.get("tb_high", 1.5))}
     elif rule == "sigmoid":
-        options = {"rule": "sigmoid", "scale": params.get("tb_scale", 1.0)}
+        options = {"rule": "sigmoid", "scale": params.get("tb_scale"),
+                   "scale_low": params.get("tb_scale_low", 2.0),
+                   "scale_high": params.get("tb_scale_high", 1.0)}
     else:
         raise PlainModelError(f"tempbalance: unknown rule {rule!r}; choose none, linear or "
                               f"sigmoid")

@@ -62,7 +62,12 @@ class FinetuneParams(BaseModel):
         "none", description="linear: TB (factors in [tb_low, tb_high]); sigmoid: TB_Sigmoid.")
     tb_low: float = Field(0.5, gt=0.0, description="linear rule: lowest lr factor.")
     tb_high: float = Field(1.5, gt=0.0, description="linear rule: highest lr factor.")
-    tb_scale: float = Field(1.0, gt=0.0, description="sigmoid rule: s, factors 10^(+-s/2).")
+    tb_scale: float | None = Field(None, gt=0.0, description="sigmoid rule: one s for both "
+                                   "sides (default: tb_scale_low / tb_scale_high).")
+    tb_scale_low: float = Field(2.0, gt=0.0, description="sigmoid rule: s below the mean "
+                                "alpha (the reference's 2).")
+    tb_scale_high: float = Field(1.0, gt=0.0, description="sigmoid rule: s above the mean "
+                                 "alpha (the reference's 1).")
     tb_every_steps: int | None = Field(None, ge=1, description="Recompute alpha every K "
                                        "optimiser steps (default: per epoch for linear, "
                                        "min(100, steps/10) for sigmoid).")
@@ -197,7 +202,8 @@ def _config(params: FinetuneParams):
         epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
         optimizer=params.optimizer, weight_decay=params.weight_decay,
         tempbalance=params.tempbalance, tb_low=params.tb_low, tb_high=params.tb_high,
-        tb_scale=params.tb_scale, tb_every_steps=params.tb_every_steps,
+        tb_scale=params.tb_scale, tb_scale_low=params.tb_scale_low,
+        tb_scale_high=params.tb_scale_high, tb_every_steps=params.tb_every_steps,
         max_length=params.max_length, seed=params.seed, device=str(resolve_device(params.device)))
 
 

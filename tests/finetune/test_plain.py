@@ -80,8 +80,11 @@ def test_tempbalance_options_from_finetune_params():
     assert tempbalance_options({"tempbalance": "linear", "tb_low": 0.6, "tb_high": 1.4}) == {
         "rule": "linear", "lr_range": (0.6, 1.4)}
     assert tempbalance_options({"tempbalance": "sigmoid", "tb_scale": 2.0,
-                                "tb_every_steps": 5}) == {"rule": "sigmoid", "scale": 2.0,
-                                                          "every_steps": 5}
+                                "tb_every_steps": 5}) == {
+        "rule": "sigmoid", "scale": 2.0, "scale_low": 2.0, "scale_high": 1.0, "every_steps": 5}
+    # The reference's two scales (2 below the mean alpha, 1 above) unless one s is given.
+    assert tempbalance_options({"tempbalance": "sigmoid"}) == {
+        "rule": "sigmoid", "scale": None, "scale_low": 2.0, "scale_high": 1.0}
 
 
 class PlainParams(BaseModel):
