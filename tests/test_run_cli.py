@@ -177,8 +177,12 @@ def test_prunability_and_ctrl_c_resumes_from_the_finished_steps(tmp_path, prefec
                "-p", "epochs=1", "-p", "retrain_epochs=1", "-p", "line_points=3",
                *settings(tmp_path)]
     manifests = tmp_path / "store" / "manifests"
+    # A shell's background job inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as a terminal would.
     with subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as running:
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+                          ) as running:
         for line in running.stderr:  # Prefect logs each finished step on stderr
             if "step build_model: computed" in line:
                 break
@@ -197,7 +201,8 @@ def test_prunability_and_ctrl_c_resumes_from_the_finished_steps(tmp_path, prefec
     assert again.returncode == 0, again.stderr[-3000:]
     assert "step build_model: cached" in again.stderr
     (cell,) = table_rows(again.stdout, "digits")  # the one cell, classified
-    assert cell[1:4] == ["batch_size", "16", "0.5"] and cell[-3] in REGIMES
+    assert cell[1:4] == ["batch_size", "16", "0.5"]
+    assert len(set(cell) & set(REGIMES)) == 1, cell  # classified into one regime
     assert re.search(r"audit it\s+: tailwise lineage [0-9a-f]{12}", again.stdout)
 
 
