@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -254,10 +253,11 @@ def farms_verdict(results: dict, args: argparse.Namespace) -> str:
     """Whether FARMS's allocation beat AlphaPruning's here, by perplexity and by accuracy
     beyond two combined standard errors (independent-sample errors: a conservative bound
     for the paired examples)."""
-    cells = [(results[m, s, "alphapruning"], results[m, s, "alphapruning+farms"])
-             for m in args.methods for s in args.sparsities]
+    keys = [(m, s) for m in args.methods for s in args.sparsities]
+    cells = [(results[m, s, "alphapruning"], results[m, s, "alphapruning+farms"]) for m, s in keys]
     lower = sum(f.perplexity < a.perplexity for a, f in cells)
-    change = statistics.median(100 * (f.perplexity / a.perplexity - 1) for a, f in cells)
+    changes = ", ".join(f"{100 * (f.perplexity / a.perplexity - 1):+.1f} % at {m} {s:.0%}"
+                        for (m, s), (a, f) in zip(keys, cells, strict=True))
     significant = [f.acc - a.acc for a, f in cells
                    if abs(f.acc - a.acc) > 2 * (a.acc_stderr ** 2 + f.acc_stderr ** 2) ** 0.5]
     accuracy = (f"accuracy differs beyond 2 standard errors in {len(significant)} of "
@@ -270,7 +270,7 @@ def farms_verdict(results: dict, args: argparse.Namespace) -> str:
     else:
         word = "FARMS shows no consistent effect here"
     return (f"verdict: {word}: AlphaPruning + FARMS has lower perplexity than AlphaPruning in "
-            f"{lower} of {len(cells)} cells (median change {change:+.1f} %); {accuracy} "
+            f"{lower} of {len(cells)} cells ({changes}); {accuracy} "
             f"(settings below the papers': see the calibration and evaluation lines)")
 
 
