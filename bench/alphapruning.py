@@ -276,7 +276,8 @@ def block_metrics(bench: Bench):
     alphas = analyze(bench.model, estimator="alpha_peak", include=rf"^{prefix}\.", device="cpu")
     outliers = outlier_ratios(bench.model, bench.calibration_ids, device=bench.args.device)
     samples, seqlen = bench.calibration_ids.shape
-    return alphas.select(["name", "alpha", "N", "M"]), with_calibration(outliers, samples, seqlen)
+    return (alphas.select(["name", "alpha", "alpha_peak", "N", "M"]),
+            with_calibration(outliers, samples, seqlen))
 
 
 def allocation_for(policy: str, sparsity: float, alphas, outliers):
