@@ -302,7 +302,7 @@ def test_authenticated_flow_records_its_runs_and_leaks_no_credential(
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(uuid.UUID(result["flow_run_id"]))
             logs = prefect_logs(client, result["flow_run_id"])
-    assert result["outputs"] == ["esd", "metrics", "model", "plots"]
+    assert result["outputs"] == ["esd", "metrics", "model", "plots", "report"]
     assert run.state is not None and run.state.is_completed(), run.state
 
     check = LeakCheck()

@@ -113,8 +113,11 @@ def test_the_prune_step_saves_a_plain_model_the_other_steps_load(tmp_path):
     again = run_step(step, {"method": "magnitude", "sparsity": 0.8}, {"model": digest},
                      store=store, use_cache=False)
     assert again.digests() == result.digests()  # same model and ratio: same artifact
+    text = tmp_path / "calibration.txt"
+    text.write_text("a calibration text for a model that takes none " * 20)
     with pytest.raises(TailwiseError, match="magnitude only"):
-        run_step(step, {"method": "wanda", "sparsity": 0.5}, {"model": digest}, store=store)
+        run_step(step, {"method": "wanda", "sparsity": 0.5},
+                 {"model": digest, "calibration": store.put(text, "text").digest}, store=store)
     with pytest.raises(TailwiseError, match="sparsity"):
         run_step(step, {"method": "magnitude", "sparsity": 1.0}, {"model": digest},
                  store=store)
