@@ -322,7 +322,7 @@ def nlp_run(data, subset, test, setting: NlpSetting, seed: int, tb: bool) -> tup
 
 
 def bench_nlp(setting: NlpSetting) -> None:
-    from steps.finetune.text import build_dataset, low_data_subset, read_dataset, write_jsonl
+    from steps.core.training.text import build_dataset, low_data_subset, read_dataset, write_jsonl
 
     start = time.perf_counter()
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "tailwise-bench-fortunes.jsonl"

@@ -6,7 +6,7 @@ import torch
 from allocate_helpers import layer_table
 
 from steps.allocate import AllocationError, allocate
-from steps.finetune.tempbalance import layer_param_groups
+from steps.core.training.tempbalance import layer_param_groups
 
 
 def test_linear_endpoints_and_bounds():
@@ -39,7 +39,7 @@ def test_conv_layers_count_their_pooled_eigenvalues_like_the_scheduler():
     decisions = allocate(table, "tempbalance", exclude_first_last=False)
     assert decisions["included"].to_pylist() == [True, True, True, True]
     from steps.core.factory import build_model
-    from steps.finetune.tempbalance import TempBalance
+    from steps.core.training.tempbalance import TempBalance
     from steps.spectral import analyze
 
     model = build_model("cnn", seed=0)

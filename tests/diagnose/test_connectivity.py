@@ -13,6 +13,7 @@ from torch.func import functional_call
 from steps.core.data import digits_images, labelled_dataset
 from steps.core.errors import TailwiseError
 from steps.core.factory import build_model
+from steps.core.training import evaluate, train
 from steps.diagnose.connectivity import (
     BezierCurve,
     evaluate_curve,
@@ -24,7 +25,6 @@ from steps.diagnose.connectivity import (
     train_bezier,
     train_bezier_reference,
 )
-from steps.finetune.train import evaluate, train
 
 
 def trained(name: str, seed: int, epochs: int = 3) -> tuple[nn.Module, tuple]:

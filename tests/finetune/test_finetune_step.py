@@ -23,9 +23,9 @@ from steps.core.factory import build_model, byte_tokenizer, save_hf
 from steps.core.step import run_step
 from steps.core.store import open_store
 from steps.core.tracking import NullTracker, StepRun
+from steps.core.training.text import Example, read_dataset, write_jsonl
 from steps.finetune.hf import FinetuneConfig, add_lora, balance_view, finetune, load_classifier
 from steps.finetune.step import STEP
-from steps.finetune.text import Example, read_dataset, write_jsonl
 
 FAST = {"epochs": 2, "batch_size": 8, "lr": 3e-3, "max_length": 24, "device": "cpu"}
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from steps.core.factory import build_model
-from steps.core.training.tempbalance import pooled_esds
-from steps.finetune.tempbalance import (
+from steps.core.training.tempbalance import (
     TempBalance,
     TempBalanceError,
     layer_param_groups,
+    pooled_esds,
     sigmoid_interval,
 )
 from steps.spectral import analyze

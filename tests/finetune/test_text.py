@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from steps.finetune.text import (
+from steps.core.training.text import (
     Example,
     TextDataError,
     assign_splits,

@@ -9,8 +9,8 @@ from torch import nn
 
 from steps.core.data import digits_images, labelled_dataset
 from steps.core.factory import build_model
-from steps.finetune.tempbalance import TempBalanceError, layer_param_groups
-from steps.finetune.train import low_data_indices, nrmse, train
+from steps.core.training import low_data_indices, nrmse, train
+from steps.core.training.tempbalance import TempBalanceError, layer_param_groups
 
 torch.set_num_threads(1)
 
