@@ -19,7 +19,7 @@ from steps.core.store import open_store
 from steps.spectral import analyze
 from steps.spectral.report import ESD_BINS, fitted_tail, render_report
 from steps.spectral.step import STEP as SPECTRAL
-from tests.spectral.spectral_helpers import mlp
+from spectral_helpers import mlp
 
 
 def linears(count: int, seed: int = 0) -> torch.nn.Module:
