@@ -18,7 +18,7 @@ a GPU worker (``diagnose`` and ``finetune`` ask for one in containers/steps.yaml
 
     ModelZooParams(widths=[4, 8, 16, 32, 64, 128], batch_sizes=[8, 16, 32, 64, 128, 256],
                    fractions=[0.1, 0.2, 0.4, 0.6, 0.8, 1.0], epochs=60, lr=0.05,
-                   trace_probes=100, curve_epochs=30, hessian_samples=200)
+                   trace_probes=100, curve_epochs=None, hessian_samples=200)
 
 (216 configurations, 432 trainings; at most 256 configurations fit one ``collect``).
 """
@@ -56,7 +56,8 @@ class ModelZooParams(BaseModel):
     hessian_samples: int = Field(200, ge=1)
     trace_probes: int = Field(16, ge=2)
     eigen_iterations: int = Field(20, ge=1)
-    curve_epochs: int = Field(4, ge=1)
+    curve_epochs: int | None = Field(4, ge=1, description="Epochs training each Bezier bend "
+                                     "(null: the released data's 50 / fraction).")
 
 
 def trained_model(run: FlowRun, params: ModelZooParams, width: int, batch_size: int,

@@ -32,7 +32,9 @@ def diagnose(
         help="Share of the training split the model was trained on.")] = 1.0,
     data_seed: Annotated[int, typer.Option(help="Seed of that training subset.")] = 0,
     trace_probes: Annotated[int, typer.Option(help="Hutchinson probes.")] = 32,
-    curve_epochs: Annotated[int, typer.Option(help="Epochs training the Bezier bend.")] = 10,
+    curve_epochs: Annotated[int | None, typer.Option(
+        help="Epochs training the Bezier bend (default: the released data's 50 / fraction).")
+    ] = None,
     store: StoreOption = None,
 ) -> None:
     """Loss-landscape features of a trained classifier and, with a tree, its diagnosis."""

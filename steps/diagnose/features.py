@@ -66,7 +66,8 @@ from steps.diagnose.hessian import hessian_operator, hutchinson_trace, top_eigen
 
 __all__ = ["PAIR_COLUMNS", "SINGLE_COLUMNS", "FeatureError", "FeatureOptions",
            "check_same_architecture", "curve_ts", "landscape_features", "mixup_cka_inputs",
-           "model_description", "ordered_pair_cka", "protocol_differences"]
+           "model_description", "ordered_pair_cka", "protocol_differences",
+           "reference_curve_epochs"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 # The columns one model gives, and those a second seed adds.
@@ -78,6 +79,7 @@ REFERENCE_SEEDS = 5
 CKA_MIXUP_ALPHA = 16.0
 CKA_BATCHES = 6  # --CKA-batches 5 with its "batch_idx > num_batches" stop
 CKA_BATCH_SIZE = 128
+REFERENCE_CURVE_EPOCHS = 50  # at training fraction 1; the reference trains 50 / fraction
 PAIR_COLUMNS = ("mode_connectivity_peak", "mode_connectivity", "curve_barrier", "lmc",
                 "lmc_barrier", "CKA", "curve_schedule", "curve_epochs")
 
@@ -94,7 +96,7 @@ class FeatureOptions:
     trace_probes: int = 32
     eigen_iterations: int = 30
     eigen_tol: float = 1e-3
-    curve_epochs: int = 10  # the reference: 50 / training fraction (costly on a CPU)
+    curve_epochs: int = REFERENCE_CURVE_EPOCHS  # the reference: 50 / training fraction
     curve_lr: float = 0.01
     curve_batch_size: int = 128
     curve_weight_decay: float = 5e-4
@@ -114,6 +116,11 @@ class FeatureOptions:
         if self.curve_points < 3 or self.line_points < 3:
             raise FeatureError(f"curve_points and line_points must be >= 3 (an interior "
                                f"point), got {self.curve_points} and {self.line_points}")
+
+
+def reference_curve_epochs(fraction: float) -> int:
+    """Epochs the released data trained a Bezier bend for, on a ``fraction`` of the data."""
+    return round(REFERENCE_CURVE_EPOCHS / fraction)
 
 
 def curve_ts(points: int) -> tuple[float, ...]:
@@ -215,9 +222,9 @@ def protocol_differences(row: dict) -> list[str]:
         if schedule != "reference":
             out.append(f"the Bezier bend trained with a {schedule} lr; the released data's "
                        "with the step-down schedule, batch 128, l2 5e-4")
-        if epochs != round(50 / fraction):
+        if epochs != reference_curve_epochs(fraction):
             out.append(f"the Bezier bend trained {epochs} epochs; the released data's "
-                       f"50 / fraction = {round(50 / fraction)}")
+                       f"50 / fraction = {reference_curve_epochs(fraction)}")
     out.append(f"a {row.get('model_kind', 'plain')} model on {row.get('dataset', 'its data')}; "
                "the released data: ResNet-18 on CIFAR-10")
     return out

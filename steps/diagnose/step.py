@@ -51,7 +51,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from steps.core.errors import ParamsError
 from steps.core.step import Output, Step, StepContext
@@ -94,8 +94,8 @@ class DiagnoseParams(BaseModel):
     hessian_samples: int = Field(200, ge=1, description="Training samples of the Hessian.")
     trace_probes: int = Field(32, ge=2, description="Hutchinson probes.")
     eigen_iterations: int = Field(30, ge=1, description="Power iterations (top eigenvalue).")
-    curve_epochs: int = Field(10, ge=1, description="Epochs training the Bezier bend (the "
-                              "released data: 50 / fraction).")
+    curve_epochs: int | None = Field(None, ge=1, description="Epochs training the Bezier "
+                                     "bend (default: the released data's 50 / fraction).")
     curve_lr: float = Field(0.01, gt=0.0, description="SGD lr of the bend (reference 0.01).")
     curve_batch_size: int = Field(128, ge=1)
     curve_weight_decay: float = Field(5e-4, ge=0.0, description="l2 on the curve's point "
@@ -122,6 +122,15 @@ class DiagnoseParams(BaseModel):
     cka_threshold: float | None = Field(None, ge=0.0, le=1.0, description="regimes: "
                                         "connected cells with output CKA below it are II-A, "
                                         "the others II-B (default: fitted from the cells).")
+
+    @model_validator(mode="after")
+    def _reference_curve_epochs(self) -> DiagnoseParams:
+        """The bend's default epochs resolved here, so the manifest records the number."""
+        if self.mode == "features" and self.curve_epochs is None:
+            from steps.diagnose.features import reference_curve_epochs
+
+            self.curve_epochs = reference_curve_epochs(self.fraction)
+        return self
 
 
 # --------------------------------------------------------------------------- features

@@ -24,6 +24,7 @@ from steps.prune.api import (
     parse_nm,
     prune,
     read_allocation,
+    report_calibration,
     save_pruned,
     sparsity_report,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "parse_nm",
     "prune",
     "read_allocation",
+    "report_calibration",
     "save_pruned",
     "sparsity_report",
 ]

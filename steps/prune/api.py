@@ -10,6 +10,7 @@ Every input is checked before a weight changes, so a bad request leaves the mode
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ from steps.prune.masks import Pattern, count_zeros
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 REPORT_FILE = "sparsity_report.parquet"
+CALIBRATION_KEY = "tailwise.calibration"
 REPORT_SCHEMA = pa.schema(
     [
         ("name", pa.string()),
@@ -175,7 +177,8 @@ def prune(
     (name, target, achieved, params).
 
     Wanda and SparseGPT run `nsamples` sequences of `seqlen` tokens from calibration_text
-    (seqlen shrinks to the model's context, with a warning), one block at a time on `device`
+    (seqlen shrinks to the model's context, with a warning; the report's metadata
+    records the calibration used), one block at a time on `device`
     ("auto", "cpu", "cuda"); the model stays where it was. A block runs on up to
     `batch_tokens` calibration tokens at once (whole sequences, at least one): fewer, larger
     calls, the same statistics up to float rounding. Magnitude needs no calibration.
@@ -195,8 +198,9 @@ def prune(
 
     if calibration_text is None or tokenizer is None:
         raise PruneError(f"{method} needs a tokenizer and a calibration text")
+    used_seqlen = fit_seqlen(model, seqlen)
     input_ids = calibration_input_ids(
-        tokenizer, calibration_text, nsamples=nsamples, seqlen=fit_seqlen(model, seqlen), seed=seed
+        tokenizer, calibration_text, nsamples=nsamples, seqlen=used_seqlen, seed=seed
     )
     use_hessian = method == "sparsegpt"
     blocks = calibrated_blocks(
@@ -214,18 +218,35 @@ def prune(
                 else:
                     wanda.prune_layer(layer, block.stats[name], patterns[name])
             advance()
-    return sparsity_report(layers, patterns)
+    calibration = {"nsamples": int(input_ids.shape[0]), "seqlen": int(input_ids.shape[1]),
+                   "requested_seqlen": seqlen, "seed": seed}
+    return sparsity_report(layers, patterns, calibration)
 
 
-def sparsity_report(layers: Mapping[str, nn.Module], patterns: Mapping[str, Pattern]) -> pa.Table:
-    """Target and achieved sparsity (fraction of exact zeros) of every layer."""
+def sparsity_report(
+    layers: Mapping[str, nn.Module],
+    patterns: Mapping[str, Pattern],
+    calibration: Mapping[str, int] | None = None,
+) -> pa.Table:
+    """Target and achieved sparsity (fraction of exact zeros) of every layer; the
+    calibration actually used (seqlen after any shrink to the context) is in the schema
+    metadata under ``tailwise.calibration``."""
     rows = []
     for name, layer in layers.items():
         weight = weight_matrix(layer)
         zeros = count_zeros(weight)
         rows.append((name, patterns[name].sparsity, zeros / weight.numel(), weight.numel()))
     columns = list(zip(*rows, strict=True)) if rows else [[], [], [], []]
-    return pa.table([list(c) for c in columns], schema=REPORT_SCHEMA)
+    schema = REPORT_SCHEMA
+    if calibration is not None:
+        schema = schema.with_metadata({CALIBRATION_KEY: json.dumps(dict(calibration))})
+    return pa.table([list(c) for c in columns], schema=schema)
+
+
+def report_calibration(report: pa.Table) -> dict[str, int] | None:
+    """The calibration a sparsity report was made with (None: magnitude, no calibration)."""
+    raw = (report.schema.metadata or {}).get(CALIBRATION_KEY.encode())
+    return json.loads(raw) if raw else None
 
 
 @torch.no_grad()

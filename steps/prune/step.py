@@ -17,6 +17,7 @@ from steps.prune.api import (
     REPORT_FILE,
     parse_nm,
     prune,
+    report_calibration,
     save_pruned,
 )
 
@@ -30,7 +31,8 @@ class PruneParams(BaseModel):
     nm: str | None = Field(None, description="N:M structured sparsity, e.g. 2:4.")
     nsamples: int | None = Field(DEFAULT_NSAMPLES, ge=1, description="Calibration sequences.")
     seqlen: int | None = Field(DEFAULT_SEQLEN, ge=8, description="Calibration tokens per "
-                               "sequence (shrunk to the model's context).")
+                               "sequence (shrunk to the model's context; the report's "
+                               "metadata records the length used).")
     seed: int | None = Field(0, ge=0, description="Seed of the calibration sample.")
     device: str = Field("auto", description="auto, cpu or cuda.")
     batch_tokens: int | None = Field(DEFAULT_BATCH_TOKENS, ge=1, description="Calibration "
@@ -101,7 +103,12 @@ def prune_step(ctx: StepContext, params: PruneParams, inputs: dict[str, Path]) -
     total = sum(achieved["params"].to_pylist())
     zeros = sum(a * p for a, p in zip(achieved["achieved"].to_pylist(),
                                       achieved["params"].to_pylist(), strict=True))
-    ctx.log_metrics({"achieved_sparsity": zeros / total, "layers_pruned": achieved.num_rows})
+    metrics = {"achieved_sparsity": zeros / total, "layers_pruned": achieved.num_rows}
+    calibration = report_calibration(achieved)
+    if calibration is not None:  # the seqlen used, which the model's context may have cut
+        metrics |= {"calibration_seqlen": calibration["seqlen"],
+                    "calibration_nsamples": calibration["nsamples"]}
+    ctx.log_metrics(metrics)
     return {"model": Output(out, "model"),
             "report": Output(out / REPORT_FILE, "sparsity-report",
                              "application/vnd.apache.parquet")}

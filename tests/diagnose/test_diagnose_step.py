@@ -246,3 +246,16 @@ def test_cli_prints_the_diagnosis_and_its_path(models, tmp_path):
     assert done.exit_code == 0, done.output
     assert "bs_failure:" in done.output and "train_error" in done.output
     assert "mode_connectivity_peak" in done.output
+
+
+def test_curve_epochs_default_to_the_released_datas_50_over_fraction():
+    from steps.diagnose.features import protocol_differences
+
+    params = STEP.validate({"fraction": 0.4})
+    assert params.curve_epochs == 125  # resolved before running, so the manifest has it
+    assert STEP.validate({"fraction": 0.4, "curve_epochs": 3}).curve_epochs == 3
+    assert STEP.validate({"mode": "collect"}).curve_epochs is None
+    row = {"hessian_seeds": 5, "mode_connectivity_peak": 0.0, "curve_schedule": "reference",
+           "fraction": 0.4}
+    assert not any("epochs" in d for d in protocol_differences(row | {"curve_epochs": 125}))
+    assert any("trained 3 epochs" in d for d in protocol_differences(row | {"curve_epochs": 3}))

@@ -12,7 +12,14 @@ import torch
 from steps.core.blocks import BlocksNotFoundError
 from steps.core.errors import TailwiseError
 from steps.core.factory import build_model, load_model
-from steps.prune import REPORT_FILE, CalibrationError, PruneError, prune, save_pruned
+from steps.prune import (
+    REPORT_FILE,
+    CalibrationError,
+    PruneError,
+    prune,
+    report_calibration,
+    save_pruned,
+)
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -108,7 +115,7 @@ def test_model_without_blocks(tokenizer, kjv) -> None:
 
 def test_seqlen_longer_than_the_context_is_scaled_down(tokenizer, kjv) -> None:
     with pytest.warns(UserWarning, match="exceeds the model's context 256; using 256"):
-        prune(
+        report = prune(
             build_model("tiny-llama"),
             tokenizer,
             method="wanda",
@@ -118,6 +125,8 @@ def test_seqlen_longer_than_the_context_is_scaled_down(tokenizer, kjv) -> None:
             seqlen=4096,
             device="cpu",
         )
+    assert report_calibration(report) == {"nsamples": 1, "seqlen": 256,
+                                           "requested_seqlen": 4096, "seed": 0}
 
 
 def test_save_pruned_round_trips(tmp_path: Path, tokenizer) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from spectral_helpers import mlp
 from typer.testing import CliRunner
 
 from steps.cli import app
@@ -19,7 +20,6 @@ from steps.core.store import open_store
 from steps.spectral import analyze
 from steps.spectral.report import ESD_BINS, fitted_tail, render_report
 from steps.spectral.step import STEP as SPECTRAL
-from spectral_helpers import mlp
 
 
 def linears(count: int, seed: int = 0) -> torch.nn.Module:
