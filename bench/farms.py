@@ -3,10 +3,11 @@
     .venv/bin/python bench/farms.py [--part speed|pruning|all] [--models smollm2,llama2048]
         [--blocks N] [--ops K]  # pruning options: --help
 
-Speed (CPU, BLAS and torch pinned to one thread, one matrix at a time): for every matrix
-of the chosen blocks, three timings of the same FARMS windows (2000-row windows, Q = 1):
+Speed (CPU, one matrix at a time; BLAS and torch pinned to one thread, then again with
+every core): for every matrix of the chosen blocks, three timings of the same FARMS windows
+(2000-row windows, Q = 1):
 - ours: ``steps.core.farms.farms_spectra`` (one float64 Gram per row position, windows
-  as diagonal blocks of it, batched float64 eigvalsh);
+  as diagonal blocks of it, batched float64 eigvalsh, the windows split over the threads);
 - reference: the FARMS code's loop, ``torch.linalg.svdvals`` per window on the float32
   matrix (``sampling.fixed_sampling``, as the reference runs it, on CPU);
 - floor: the summed float64 ``eigvalsh`` time of the windows' Gram matrices alone (the
@@ -42,6 +43,7 @@ differ from alpha_peak.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -161,14 +163,18 @@ def bench_model(label: str, matrices, options: FarmsOptions) -> None:
 
 
 def run_speed(args: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, numpy {np.__version__}, 1 thread")
+    """The timings at one thread (the per-window cost the targets name), then with every
+    core: ours splits the windows over the threads, the reference's loop gets the same
+    threads for its svdvals."""
     sources = {"smollm2": (smollm2_matrices, args.ops), "llama2048": (llama2048_matrices,
                                                                         args.llama_ops)}
-    with threadpool_limits(limits=1):
-        for label in args.models.split(","):
-            make, ops = sources[label]
-            bench_model(label, make(args.blocks), FarmsOptions(ops=ops))
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        print(f"torch {torch.__version__}, numpy {np.__version__}, {threads} thread(s)")
+        with threadpool_limits(limits=threads):
+            for label in args.models.split(","):
+                make, ops = sources[label]
+                bench_model(label, make(args.blocks), FarmsOptions(ops=ops))
 
 
 @dataclass

@@ -19,7 +19,9 @@ whole matrix, which removes the aspect-ratio bias of alpha:
 
 Every window has the same shape, so the eigenvalues come from one batched float64
 eigensolve of the windows' Gram matrices (of the smaller side), on the GPU when one is
-given. Overlapping windows at one row position are diagonal blocks of one Gram of their
+given; on the CPU the windows are split over torch's threads, one single-threaded LAPACK
+call each (the windows are independent, while one eigensolve scales poorly over cores).
+Overlapping windows at one row position are diagonal blocks of one Gram of their
 rows, and Grams slide down the matrix by the rows that leave and enter them, so a row
 is multiplied about once per column group, not once per window.
 """
@@ -27,10 +29,12 @@ is multiplied about once per column group, not once per window.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from steps.core.esd import eigenvalue_scale, kernel_slices
 
@@ -169,19 +173,25 @@ def _gram(window: torch.Tensor) -> torch.Tensor:
 def solve_grams(grams: Iterator[torch.Tensor], device: str) -> np.ndarray:
     """Ascending eigenvalues (>= 0) of same-shape Gram matrices, batched: (count, size)."""
     budget = _CHUNK_BYTES["cpu" if device == "cpu" else "gpu"]
+    workers = torch.get_num_threads() if device == "cpu" else 1
     out, chunk = [], []
     for gram in grams:
         chunk.append(gram)
-        if len(chunk) * gram.numel() * 8 >= budget:
-            out.append(_solve(chunk, device))
+        if len(chunk) >= workers and len(chunk) * gram.numel() * 8 >= budget:
+            out.append(_solve(chunk, device, workers))
             chunk = []
     if chunk:
-        out.append(_solve(chunk, device))
+        out.append(_solve(chunk, device, workers))
     return np.clip(np.concatenate(out), 0.0, None)
 
 
-def _solve(chunk: list[torch.Tensor], device: str) -> np.ndarray:
+def _solve(chunk: list[torch.Tensor], device: str, workers: int) -> np.ndarray:
     batch = torch.stack(chunk)
-    if device == "cpu":  # numpy's LAPACK call is faster than torch's on CPU here
-        return np.linalg.eigvalsh(batch.numpy())
-    return torch.linalg.eigvalsh(batch).cpu().numpy()
+    if device != "cpu":
+        return torch.linalg.eigvalsh(batch).cpu().numpy()
+    # numpy's LAPACK call is faster than torch's on CPU here, and releases the GIL.
+    parts = np.array_split(batch.numpy(), min(workers, len(chunk)))
+    if len(parts) == 1:
+        return np.linalg.eigvalsh(parts[0])
+    with threadpool_limits(limits=1), ThreadPoolExecutor(len(parts)) as pool:
+        return np.concatenate(list(pool.map(np.linalg.eigvalsh, parts)))

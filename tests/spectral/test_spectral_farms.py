@@ -93,3 +93,15 @@ def test_farms_needs_whole_matrices():
 def test_without_farms_the_table_has_no_farms_columns():
     table = analyze(torch.nn.Linear(20, 30), device="cpu")
     assert not [c for c in table.column_names if "farms" in c]
+
+
+def test_windows_solved_over_threads_equal_one_thread():
+    layer = _heavy_linear(300, 120, seed=7)
+    options = FarmsOptions(50, 1.0, 4)
+    one = farms_spectra(layer.weight.data, "linear", options).groups[0]
+    torch.set_num_threads(2)
+    try:
+        two = farms_spectra(layer.weight.data, "linear", options).groups[0]
+    finally:
+        torch.set_num_threads(1)
+    np.testing.assert_array_equal(one, two)
