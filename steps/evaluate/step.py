@@ -9,10 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from steps.core.devices import resolve_device
+from steps.core.factory import load_model
 from steps.core.step import Output, Step, StepContext
 from steps.evaluate.metrics import size_on_disk
-from steps.evaluate.rows import evaluate_model_dir, write_rows
-from steps.evaluate.zeroshot import write_zero_shot_rows, zero_shot_dir
+from steps.evaluate.rows import evaluate_model, model_tokenizer, write_rows
+from steps.evaluate.zeroshot import load_tasks, run_tasks, write_zero_shot_rows
 
 
 class EvaluateParams(BaseModel):
@@ -37,25 +39,31 @@ class EvaluateParams(BaseModel):
 def evaluate_step(ctx: StepContext, params: EvaluateParams, inputs: dict[str, Path]) -> dict:
     if "data" in inputs:
         return classifier_evaluation(ctx, params, inputs)
-    row = evaluate_model_dir(inputs["model"], perplexity_text=inputs.get("text"),
-                             seqlen=params.seqlen, max_windows=params.max_windows,
-                             device=params.device, progress=ctx.progress)
-    row["model"] = params.name
+    # Tasks are looked up before the model loads: a missing one fails at once.
+    tasks = load_tasks(params.tasks, inputs.get("tasks")) if params.tasks else {}
+    model = load_model(inputs["model"])  # once, for perplexity and every task
+    needs_tokenizer = "text" in inputs or bool(tasks)
+    tokenizer = model_tokenizer(inputs["model"]) if needs_tokenizer else None
+    row = evaluate_model(model, tokenizer, name=params.name,
+                         perplexity_text=inputs.get("text"), seqlen=params.seqlen,
+                         max_windows=params.max_windows, device=params.device,
+                         progress=ctx.progress)
+    row["size_bytes"] = size_on_disk(inputs["model"])
     row["perplexity_text"] = ctx.input_digests.get("text")  # the digest, not a scratch path
     ctx.log_metrics({k: row[k] for k in ("perplexity", "sparsity", "params", "size_bytes")
                      if row.get(k) is not None})
     path = write_rows([row], ctx.workdir / "evaluation.parquet")
     outputs = {"evaluation": Output(path, "evaluation", "application/vnd.apache.parquet")}
-    if params.tasks:
-        outputs["zeroshot"] = zero_shot_evaluation(ctx, params, inputs)
+    if tasks:
+        model.to(resolve_device(params.device))
+        outputs["zeroshot"] = zero_shot_evaluation(ctx, params, run_tasks(
+            model, tokenizer, tasks, limit=params.limit))
     return outputs
 
 
 def zero_shot_evaluation(ctx: StepContext, params: EvaluateParams,
-                         inputs: dict[str, Path]) -> Output:
+                         rows: list[dict]) -> Output:
     """lm-eval's accuracy per task: one Parquet row each, and MLflow metrics."""
-    rows = zero_shot_dir(inputs["model"], params.tasks, task_dir=inputs.get("tasks"),
-                         limit=params.limit, device=params.device)
     for row in rows:
         row["model"] = params.name
         ctx.log_metrics({f"zeroshot_{row['task']}_{metric}": row[metric]
@@ -67,7 +75,6 @@ def zero_shot_evaluation(ctx: StepContext, params: EvaluateParams,
 def classifier_evaluation(ctx: StepContext, params: EvaluateParams,
                           inputs: dict[str, Path]) -> dict:
     """A fine-tuned text classifier: accuracy and loss on the data's test split."""
-    from steps.core.devices import resolve_device
     from steps.evaluate.classify import classifier_metrics
 
     metrics = classifier_metrics(inputs["model"], inputs["data"], max_examples=params.max_examples,
