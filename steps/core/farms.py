@@ -37,6 +37,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from steps.core.esd import eigenvalue_scale, kernel_slices
+from steps.core.fits import fit_power_law
 
 DEFAULT_WINDOW = 2000  # num_row_samples of the reference's LLM runs
 DEFAULT_Q = 1.0  # Q_ratio
@@ -63,6 +64,14 @@ class FarmsOptions:
         return ""
 
 
+# The reference's TempBalance + FARMS image-classification runs (Image_Classification,
+# bash_scripts/config/farms_imagecls_main.txt: num_row_samples 100, Q_ratio 1.0,
+# sampling_ops_per_dim 9; Conv2d by the conv branch, where window and ops do not apply).
+# Its fixed_sampling there does not cap a window larger than the matrix (it slices from a
+# negative start: fewer rows); tailwise caps it at the smaller side, as the LLM code does.
+IMAGE_CLASSIFICATION_OPTIONS = FarmsOptions(window=100, q=1.0, ops=9)
+
+
 @dataclass(frozen=True)
 class FarmsSpectra:
     """The pooled ESDs of one tensor's windows (one per conv row band, else one)."""
@@ -72,6 +81,11 @@ class FarmsSpectra:
     cols: int
     windows: int
     capped: bool  # the window was cut down to fit the matrix
+
+    def alpha(self, estimator: str = "alpha_peak", hill_k: float = 2.0) -> float:
+        """The FARMS alpha: the mean of the groups' fitted alphas, as the reference."""
+        fits = [fit_power_law(g, estimator=estimator, hill_k=hill_k) for g in self.groups]
+        return float(np.mean([fit.alpha for fit in fits]))
 
 
 def window_starts(size: int, length: int, ops: int) -> list[int]:
@@ -189,9 +203,12 @@ def _solve(chunk: list[torch.Tensor], device: str, workers: int) -> np.ndarray:
     batch = torch.stack(chunk)
     if device != "cpu":
         return torch.linalg.eigvalsh(batch).cpu().numpy()
-    # numpy's LAPACK call is faster than torch's on CPU here, and releases the GIL.
+    # numpy's LAPACK call is faster than torch's on CPU here, and releases the GIL. One
+    # thread each, a single part included: OpenBLAS threads on small batched eigensolves
+    # only contend (about 30x slower on a busy machine) and keep spinning afterwards.
     parts = np.array_split(batch.numpy(), min(workers, len(chunk)))
-    if len(parts) == 1:
-        return np.linalg.eigvalsh(parts[0])
-    with threadpool_limits(limits=1), ThreadPoolExecutor(len(parts)) as pool:
-        return np.concatenate(list(pool.map(np.linalg.eigvalsh, parts)))
+    with threadpool_limits(limits=1):
+        if len(parts) == 1:
+            return np.linalg.eigvalsh(parts[0])
+        with ThreadPoolExecutor(len(parts)) as pool:
+            return np.concatenate(list(pool.map(np.linalg.eigvalsh, parts)))

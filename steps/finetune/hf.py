@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from steps.core.errors import TailwiseError
+from steps.core.farms import IMAGE_CLASSIFICATION_OPTIONS
 from steps.core.naming import BLOCK_PATTERN
 from steps.core.pretrained import ModelLoadError, check_declared_size, first_line
 from steps.core.training import (
@@ -297,6 +298,7 @@ class FinetuneConfig:
     tb_scale_low: float = 2.0  # sigmoid rule: s below the mean alpha (the reference's)
     tb_scale_high: float = 1.0  # ... and above it
     tb_every_steps: int | None = None  # None: per epoch (linear), TB_Sigmoid's K (sigmoid)
+    tb_farms: bool = False  # alpha on FARMS windows (the reference's image-classification setting)
     max_length: int = 128
     seed: int = 0
     device: str = "cpu"
@@ -344,7 +346,8 @@ def _tempbalance_options(config: FinetuneConfig, steps_per_epoch: int) -> dict |
         every = sigmoid_interval(steps_per_epoch)
     return {"rule": config.tempbalance, "lr_range": (config.tb_low, config.tb_high),
             "scale": config.tb_scale, "scale_low": config.tb_scale_low,
-            "scale_high": config.tb_scale_high, "every_steps": every, "device": config.device}
+            "scale_high": config.tb_scale_high, "every_steps": every, "device": config.device,
+            "farms": IMAGE_CLASSIFICATION_OPTIONS if config.tb_farms else None}
 
 
 # ------------------------------------------------------------------------- saving

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steps.core.factory import load_model, save_hf
+from steps.core.farms import IMAGE_CLASSIFICATION_OPTIONS
 from steps.core.sparsity import density
 from steps.core.step import Output, StepContext
 from steps.core.training import (
@@ -135,6 +136,8 @@ def tempbalance_options(params: dict[str, Any]) -> dict[str, Any] | None:
                               f"sigmoid")
     if params.get("tb_every_steps") is not None:
         options["every_steps"] = params["tb_every_steps"]
+    if params.get("tb_farms"):
+        options["farms"] = IMAGE_CLASSIFICATION_OPTIONS
     return options
 
 

@@ -71,6 +71,8 @@ class FinetuneParams(BaseModel):
     tb_every_steps: int | None = Field(None, ge=1, description="Recompute alpha every K "
                                        "optimiser steps (default: per epoch for linear, "
                                        "min(100, steps/10) for sigmoid).")
+    tb_farms: bool = Field(False, description="TempBalance alpha on FARMS windows (the FARMS "
+                           "reference's image-classification setting: 100 x 100, 9 x 9).")
     lora: int | None = Field(None, ge=1, description="LoRA rank r (None: full fine-tuning).")
     lora_alpha: float | None = Field(None, gt=0.0, description="LoRA alpha (default 2 r).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -204,6 +206,7 @@ def _config(params: FinetuneParams):
         tempbalance=params.tempbalance, tb_low=params.tb_low, tb_high=params.tb_high,
         tb_scale=params.tb_scale, tb_scale_low=params.tb_scale_low,
         tb_scale_high=params.tb_scale_high, tb_every_steps=params.tb_every_steps,
+        tb_farms=params.tb_farms,
         max_length=params.max_length, seed=params.seed, device=str(resolve_device(params.device)))
 
 

@@ -413,9 +413,7 @@ def _fit(spectrum: Spectrum, estimator: str, hill_k: float, small_n: bool) -> Po
 
 def _farms_alpha(farms: FarmsSpectra | None) -> float:
     """alpha_peak of the pooled windows; for conv row bands the mean, as the reference."""
-    if farms is None:
-        return float("nan")
-    return float(np.mean([fit_power_law(g, estimator="alpha_peak").alpha for g in farms.groups]))
+    return float("nan") if farms is None else farms.alpha("alpha_peak")
 
 
 def _collect(future: Future, results: list, report) -> None:

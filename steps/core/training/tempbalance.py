@@ -27,6 +27,11 @@ the TempBalance rule (``steps.core.balance``, METHODS.md section 2): ``linear`` 
 ``every_steps=K``, call ``tb.step()`` after every optimiser step instead: alpha is recomputed
 on the first call and every K calls after it (``sigmoid_interval`` gives TB_Sigmoid's K).
 
+FARMS (``farms=FarmsOptions(...)``; ``IMAGE_CLASSIFICATION_OPTIONS`` is the setting of the
+FARMS reference's TempBalance runs): a layer's alpha is the mean hill alpha of its FARMS
+ESDs (``steps.core.farms``: the pooled ESD of fixed-aspect-ratio windows, one per row band
+of a conv), as the reference's ``Tempbalance_FARMS`` measures with ``use_sliding_window``.
+
 Learning rates: every param group keeps the global schedule's value eta_t in
 ``group["schedule_lr"]`` and holds ``group["lr"] = eta_t * factor`` at all times. A scheduler
 passed to TempBalance is wrapped so that it always reads and writes eta_t (torch schedulers
@@ -51,6 +56,7 @@ from steps.core.balance import TempBalanceOptions, lr_factors
 from steps.core.devices import resolve_device
 from steps.core.errors import TailwiseError
 from steps.core.esd import eigenvalue_scale, gram_eigenvalues_batched, kernel_slices
+from steps.core.farms import FarmsOptions, farms_spectra
 from steps.core.fits import fit_power_law
 from steps.core.naming import BLOCK_PATTERN
 from steps.core.weights import MatrixInfo, module_layer_type, open_weights
@@ -181,6 +187,10 @@ class TempBalance:
         among them excluded), BatchNorm follows its conv by name, LayerNorm and the rest
         keep the global lr.
     device: where the ESD is computed; None = on each weight's own (training) device.
+    farms: alpha from FARMS windows (``IMAGE_CLASSIFICATION_OPTIONS``: the reference's
+        image-classification setting, whose 'median' fit with xmin_pos 2 is hill_k = 2);
+        None (default): from the whole matrix's ESD. min_evals still counts the whole
+        matrix's eigenvalues.
     """
 
     def __init__(
@@ -201,6 +211,7 @@ class TempBalance:
         min_evals: int = 50,
         device: str | None = None,
         groups: Grouping = "layer",
+        farms: FarmsOptions | None = None,
     ):
         self.options = _options(rule, lr_range, (scale, scale_low, scale_high), by_block)
         self.hill_k = float(hill_k if hill_k is not None else (2.0 if rule == "linear" else 1.5))
@@ -212,6 +223,9 @@ class TempBalance:
         self.optimizer = optimizer
         self.every_steps = every_steps
         self.device = str(resolve_device(device)) if device is not None else None
+        if farms is not None and farms.problem():
+            raise TempBalanceError(farms.problem())
+        self.farms = farms
         if groups not in GROUPINGS:
             raise TempBalanceError(f"unknown groups {groups!r}; choose 'layer' or 'reference'")
         self.grouping = groups
@@ -291,12 +305,22 @@ class TempBalance:
         for batch in _same_shape_batches(infos):
             tensors = [source.load(info) for info in batch]  # detached views, no copies
             device = self.device or str(tensors[0].device)
-            spectra = pooled_esds(tensors, batch[0].layer_type, device)
-            for info, evals in zip(batch, spectra, strict=True):
-                if evals is not None:
-                    fit = fit_power_law(evals, estimator="hill", hill_k=self.hill_k)
-                    alphas[position[info.name]] = fit.alpha
+            batch_alphas = self._batch_alphas(tensors, batch[0].layer_type, device)
+            for info, alpha in zip(batch, batch_alphas, strict=True):
+                alphas[position[info.name]] = alpha
         return alphas
+
+    def _batch_alphas(self, tensors: list[torch.Tensor], layer_type: str,
+                      device: str) -> list[float]:
+        """hill alpha of each same-shape tensor (NaN when not finite): of its pooled ESD,
+        or with FARMS the mean over its window groups."""
+        if self.farms is not None:
+            return [farms_spectra(t, layer_type, self.farms, device=device).alpha(
+                        "hill", self.hill_k) if bool(torch.isfinite(t).all()) else math.nan
+                    for t in tensors]
+        return [math.nan if evals is None
+                else fit_power_law(evals, estimator="hill", hill_k=self.hill_k).alpha
+                for evals in pooled_esds(tensors, layer_type, device)]
 
     def _apply(self) -> None:
         for group in self._groups:
