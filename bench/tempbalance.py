@@ -18,14 +18,16 @@
    the pretrained MiniLM (all-MiniLM-L6-v2) with a new classification head, fully fine-tuned
    on the offline ``fortunes`` task (4 categories) with 100 %, 10 % and 1 % of a capped
    training split (400 examples, 32 tokens, batch 8), in the TB_Sigmoid paper's harness
-   (ZihangHLiu/ModelBalancing's run_glue scripts: HF Trainer defaults with warmup_ratio
-   0.06, weight_decay 0.1): AdamW (lr 1e-4, weight decay 0.1) + the per-optimiser-step
-   linear schedule (lr ramps up from 0 over the first ceil(0.06 x 50) = 3 steps, then
-   decays linearly to 0 at the last step), against the same + TB_Sigmoid (block means of
-   hill alpha, k = 1.5, s = 1, ESD every 10 optimiser steps: the paper's min(100,
-   steps_per_epoch / 10) degenerates to every step on a few examples), 3 seeds: test
-   accuracy mean +- std and the gain. Every run takes the same number of optimiser steps
-   (50), whatever the fraction.
+   (ZihangHLiu/ModelBalancing's run_glue scripts: HF Trainer with warmup_ratio 0.06 and
+   weight_decay 0.1): AdamW (lr 1e-4, weight decay 0.1) + the per-optimiser-step linear
+   schedule (lr ramps up from 0 over the first ceil(0.06 x 50) = 3 steps, then decays
+   linearly to 0 at the last step), against the same + TB_Sigmoid (block means of hill
+   alpha, k = 1.5, s = 2 below / 1 above the mean alpha: the reference's sigmoid_min /
+   sigmoid_max defaults, ESD every 10 optimiser steps: the paper's min(100, steps_per_epoch
+   / 10) degenerates to every step on a few examples), 3 seeds: test accuracy mean +- std
+   and the gain. Every run takes the same number of optimiser steps (50), whatever the
+   fraction. Unlike the reference's Trainer, weight decay also applies to biases and
+   LayerNorm weights and gradients are not clipped (max_grad_norm 1 there).
 Settings were fixed before the first run; nothing is tuned for a gain.
 """
 
