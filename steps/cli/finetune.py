@@ -38,6 +38,12 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Seed of subset, head, shuffling, dropout.")] = 0,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-5,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    schedule: Annotated[str, typer.Option(
+        help="Learning-rate schedule: cosine (per epoch) or linear (per optimiser step, warmup "
+        "then decay to 0, as HF's Trainer and the TB_Sigmoid paper).")] = "cosine",
+    warmup: Annotated[float, typer.Option(
+        help="linear schedule: share of all optimiser steps warming up (TB_Sigmoid: 0.06).")
+    ] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 128,
     max_train_examples: Annotated[int | None, typer.Option(
@@ -54,7 +60,8 @@ def finetune(
 ) -> None:
     """Fine-tune a text classifier: full or LoRA, optional TempBalance, on a low-data subset."""
     params = {"fraction": fraction, "tempbalance": tempbalance, "lora": lora, "epochs": epochs,
-              "seed": seed, "lr": lr, "optimizer": optimizer, "batch_size": batch_size,
+              "seed": seed, "lr": lr, "optimizer": optimizer, "schedule": schedule,
+              "warmup": warmup, "batch_size": batch_size,
               "max_length": max_length, "max_train_examples": max_train_examples,
               "max_eval_examples": max_eval_examples, "device": device}
     params |= key_values(option)

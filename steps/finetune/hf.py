@@ -291,6 +291,8 @@ class FinetuneConfig:
     lr: float = 2e-5
     optimizer: Literal["sgd", "adamw"] = "adamw"
     weight_decay: float = 0.0
+    schedule: Literal["cosine", "linear"] = "cosine"  # linear: per step, HF's (TB_Sigmoid's)
+    warmup: float = 0.0  # linear: warmup steps as a fraction of all (TB_Sigmoid: 0.06)
     tempbalance: Literal["none", "linear", "sigmoid"] = "none"
     tb_low: float = 0.5  # linear rule: factor range
     tb_high: float = 1.5
@@ -325,7 +327,7 @@ def finetune(model: nn.Module, tokenizer, view: nn.Module | None, groups: list[d
     steps_per_epoch = math.ceil(len(train[1]) / config.batch_size)
     return fit(model, _optimizer(groups, config), train_batches, val_batches,
                epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-               eval_batch_size=EVAL_BATCH_SIZE,
+               eval_batch_size=EVAL_BATCH_SIZE, schedule=config.schedule, warmup=config.warmup,
                tempbalance=_tempbalance_options(config, steps_per_epoch), balance_view=view,
                checkpoints=Checkpointing(checkpoint_dir, asdict(config), resume_from),
                on_epoch=on_epoch, device=config.device)

@@ -6,8 +6,8 @@
 A model-zoo grid (width x batch size x data fraction x seed) trains many of these; the
 diagnose step then measures their loss landscapes. The data and the stratified, seeded
 low-data subset come from ``steps.core.training.plain_data``, the loop is
-``steps.core.training.train`` (cosine lr, seeded shuffling), so the same model directory,
-data and params give bit-identical weights.
+``steps.core.training.train`` (cosine lr by default, seeded shuffling), so the same model
+directory, data and params give bit-identical weights.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from steps.core.step import Output, StepContext
 from steps.core.training import (
     PlainData,
     PlainModelError,
+    Schedule,
     TrainHistory,
     evaluate,
     layer_param_groups,
@@ -69,8 +70,8 @@ def _optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_d
 def run_plain(model_dir: str | Path, dataset: str = "digits", *, batch_size: int,
               fraction: float, seed: int, epochs: int, lr: float, optimizer: str = "sgd",
               tempbalance: dict[str, Any] | None = None, momentum: float = 0.9,
-              weight_decay: float = 0.0, split_seed: int = 0,
-              keep_mask: bool = False) -> PlainRun:
+              weight_decay: float = 0.0, split_seed: int = 0, keep_mask: bool = False,
+              schedule: Schedule = "cosine", warmup: float = 0.0) -> PlainRun:
     """Train the model in ``model_dir`` on ``fraction`` of the ``dataset`` train split.
 
     ``seed`` draws the subset and seeds the batch order; the initial weights are the
@@ -78,7 +79,8 @@ def run_plain(model_dir: str | Path, dataset: str = "digits", *, batch_size: int
     evaluated (the history's val columns); ``tempbalance`` passes TempBalance options.
     ``keep_mask``: the Linear / Conv weights that are exactly zero in the directory (a
     pruned model) are set back to zero after every optimiser step, so the retrained model
-    keeps the pruned model's mask; the metrics then include its ``density``.
+    keeps the pruned model's mask; the metrics then include its ``density``. ``schedule`` /
+    ``warmup``: the lr schedule (``steps.core.training.schedules``).
     """
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise PlainModelError(f"epochs, batch_size and lr must be positive, got {epochs}, "
@@ -88,8 +90,8 @@ def run_plain(model_dir: str | Path, dataset: str = "digits", *, batch_size: int
     subset = training_subset(data, fraction, seed)
     opt = _optimizer(model, optimizer, lr, momentum, weight_decay, tempbalance is not None)
     history = train(model, subset, data.test, optimizer=opt, epochs=epochs,
-                    batch_size=batch_size, seed=seed, tempbalance=tempbalance,
-                    keep_mask=keep_mask)
+                    batch_size=batch_size, seed=seed, schedule=schedule, warmup=warmup,
+                    tempbalance=tempbalance, keep_mask=keep_mask)
     model.eval()
     train_loss, train_accuracy = evaluate(model, subset, "classification", F.cross_entropy)
     test_loss, test_accuracy = evaluate(model, data.test, "classification", F.cross_entropy)
@@ -155,7 +157,9 @@ def finetune_plain_outputs(ctx: StepContext, params: dict[str, Any],
                     tempbalance=tempbalance_options(params),
                     weight_decay=params.get("weight_decay", 0.0),
                     split_seed=params.get("split_seed", 0),
-                    keep_mask=params.get("keep_mask", False))
+                    keep_mask=params.get("keep_mask", False),
+                    schedule=params.get("schedule", "cosine"),
+                    warmup=params.get("warmup", 0.0))
     ctx.log_metrics(run.metrics)
     model_dir = save_hf(run.model, None, ctx.workdir / "model")
     metrics_path = ctx.workdir / "metrics.json"

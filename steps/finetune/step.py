@@ -55,9 +55,15 @@ class FinetuneParams(BaseModel):
     seed: int = Field(0, ge=0, description="Seed of the subset, head init, shuffling, dropout.")
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-5, gt=0.0, description="Peak learning rate (cosine over epochs).")
+    lr: float = Field(2e-5, gt=0.0, description="Peak learning rate (of the schedule).")
     optimizer: Literal["sgd", "adamw"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["cosine", "linear"] = Field(
+        "cosine", description="Learning-rate schedule: cosine over epochs (stepped per epoch), "
+        "or linear (HF's get_linear_schedule_with_warmup, stepped per optimiser step: warmup "
+        "to lr, then linear decay to 0; the TB_Sigmoid paper's, with warmup 0.06).")
+    warmup: float = Field(0.0, ge=0.0, lt=1.0, description="linear schedule: the first "
+                          "ceil(warmup x all optimiser steps) ramp the lr up from 0.")
     tempbalance: Literal["none", "linear", "sigmoid"] = Field(
         "none", description="linear: TB (factors in [tb_low, tb_high]); sigmoid: TB_Sigmoid.")
     tb_low: float = Field(0.5, gt=0.0, description="linear rule: lowest lr factor.")
@@ -87,6 +93,9 @@ class FinetuneParams(BaseModel):
     def _check(self) -> FinetuneParams:
         if self.tb_low >= self.tb_high:
             raise ValueError(f"tb_low ({self.tb_low}) must be below tb_high ({self.tb_high})")
+        if self.warmup > 0 and self.schedule != "linear":
+            raise ValueError(f"warmup ({self.warmup:g}) is for schedule linear only, not "
+                             f"{self.schedule!r}")
         return self
 
 
@@ -202,9 +211,9 @@ def _config(params: FinetuneParams):
 
     return FinetuneConfig(
         epochs=params.epochs, batch_size=params.batch_size, lr=params.lr,
-        optimizer=params.optimizer, weight_decay=params.weight_decay,
-        tempbalance=params.tempbalance, tb_low=params.tb_low, tb_high=params.tb_high,
-        tb_scale=params.tb_scale, tb_scale_low=params.tb_scale_low,
+        optimizer=params.optimizer, weight_decay=params.weight_decay, schedule=params.schedule,
+        warmup=params.warmup, tempbalance=params.tempbalance, tb_low=params.tb_low,
+        tb_high=params.tb_high, tb_scale=params.tb_scale, tb_scale_low=params.tb_scale_low,
         tb_scale_high=params.tb_scale_high, tb_every_steps=params.tb_every_steps,
         tb_farms=params.tb_farms,
         max_length=params.max_length, seed=params.seed, device=str(resolve_device(params.device)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,6 +117,9 @@ def test_step_outputs_history_subset_and_module_command_agree(tiny, store, tmp_p
     ({"fraction": 1.5}, "invalid parameter fraction"),
     ({"tempbalance": "linear", "tb_low": 1.5, "tb_high": 1.5}, "tb_low"),
     ({"optimizer": "adam"}, "invalid parameter optimizer"),
+    ({"schedule": "step"}, "invalid parameter schedule"),
+    ({"schedule": "linear", "warmup": 1.0}, "invalid parameter warmup"),
+    ({"warmup": 0.06}, "warmup .* is for schedule linear only"),
 ])
 def test_bad_params_write_nothing(tiny, store, params, message):
     inputs = inputs_of(store, tiny)
@@ -123,6 +127,19 @@ def test_bad_params_write_nothing(tiny, store, params, message):
     with pytest.raises(ParamsError, match=message):
         run_step(STEP, FAST | params, inputs, store=store)
     assert {m.digest for m in store.list()} == before and store.cache_entries() == []
+
+
+def test_linear_schedule_reaches_the_loop(tiny, store, tmp_path):
+    """schedule=linear steps HF's linear schedule per optimiser step: after epoch 1 of 2 the
+    lr is lr x (total - steps) / (total - warmup steps), 0 at the end."""
+    params = FAST | {"schedule": "linear", "warmup": 0.1}
+    result = run_step(STEP, params, inputs_of(store, tiny), store=store)
+    metrics = read_json(store, result.digests()["metrics"], tmp_path)
+    steps = math.ceil(metrics["train_examples"] / FAST["batch_size"])
+    total, warmup = 2 * steps, math.ceil(0.1 * 2 * steps)
+    history = pq.read_table(store.get(result.digests()["history"], tmp_path / "h.parquet"))
+    assert history["lr"].to_pylist() == pytest.approx(
+        [0.0, FAST["lr"] * (total - steps) / (total - warmup), 0.0], rel=1e-12)
 
 
 def test_missing_label_names_file_and_line(tiny, store, tmp_path):
@@ -219,6 +236,7 @@ def test_cli_help_and_small_run(tiny, tmp_path):
     cli = [sys.executable, "-m", "steps.cli", "finetune"]
     helped = subprocess.run([*cli, "--help"], capture_output=True, text=True, env=env)
     assert helped.returncode == 0 and "--tempbalance" in helped.stdout
+    assert "--schedule" in helped.stdout and "--warmup" in helped.stdout
     _, model, data = tiny
     done = subprocess.run([*cli, str(model), "--data", str(data), "--fraction", "0.5",
                            "--tempbalance", "linear", "--lora", "4", "--epochs", "1",

@@ -6,8 +6,9 @@ checkpoints, and the data helpers the finetune, diagnose and evaluate steps all 
     history = fit(model, opt, encode(tokenizer, split, 128), None, epochs=3, batch_size=16,
                   checkpoints=Checkpointing(Path("ckpt"), settings))  # tokenised text
 
-Start reading at ``loop.fit``; ``batches`` holds the adapter per data kind, ``tempbalance``
-the per-layer learning rates, ``checkpoints`` resume, ``plain_data`` / ``text`` the data.
+Start reading at ``loop.fit``; ``batches`` holds the adapter per data kind, ``schedules``
+the global lr schedule, ``tempbalance`` the per-layer learning rates, ``checkpoints`` resume,
+``plain_data`` / ``text`` the data.
 """
 
 from steps.core.training.batches import (
@@ -28,6 +29,7 @@ from steps.core.training.plain_data import (
     plain_kind,
     training_subset,
 )
+from steps.core.training.schedules import SCHEDULES, Schedule, ScheduleError
 from steps.core.training.subsets import low_data_indices, nrmse, weighted_mean
 from steps.core.training.tempbalance import (
     TempBalance,
@@ -38,6 +40,7 @@ from steps.core.training.tempbalance import (
 )
 
 __all__ = [
+    "SCHEDULES",
     "Batches",
     "CheckpointError",
     "Checkpointing",
@@ -45,6 +48,8 @@ __all__ = [
     "EpochRecord",
     "PlainData",
     "PlainModelError",
+    "Schedule",
+    "ScheduleError",
     "TempBalance",
     "TempBalanceError",
     "TempBalanceRecord",

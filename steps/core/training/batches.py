@@ -4,11 +4,13 @@ data. Plain tensors (``TensorBatches``: (inputs, targets) or a DataLoader) and t
 
 - ``batches(batch_size, generator, device)``: (inputs, targets) on the device, shuffled by
   ``generator`` (a seeded ``torch.randperm`` over the examples) or in order when it is None;
-- ``outputs(model, inputs)``: what the loss and metric read (logits, or predictions).
+- ``outputs(model, inputs)``: what the loss and metric read (logits, or predictions);
+- ``num_batches(batch_size)``: batches per epoch (a per-step lr schedule's length).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,6 +33,8 @@ class Batches(Protocol):
                 device: str) -> Iterable[tuple[Any, torch.Tensor]]: ...
 
     def outputs(self, model: nn.Module, inputs: Any) -> torch.Tensor: ...
+
+    def num_batches(self, batch_size: int) -> int: ...
 
 
 def _accuracy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -73,6 +77,11 @@ class TensorBatches:
     def outputs(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return model(inputs)
 
+    def num_batches(self, batch_size: int) -> int:
+        if isinstance(self.data, DataLoader):
+            return len(self.data)
+        return math.ceil(len(self.data[0]) / batch_size)
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -101,6 +110,9 @@ class Encoded:
 
     def outputs(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         return model(**inputs).logits
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self.labels) / batch_size)
 
 
 def encode(tokenizer, split: tuple[list[str], Any], max_length: int) -> Encoded:

@@ -60,7 +60,7 @@ class TrainingState:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: Any  # None: a constant lr
     tempbalance: TempBalance | None
     generator: torch.Generator
 
@@ -97,7 +97,8 @@ def save_checkpoint(root: Path, epoch: int, records: list[Any], state: TrainingS
         "settings": settings,
         "records": [asdict(r) for r in records],
         "optimizer": optim_json,
-        "scheduler": {k: v for k, v in state.scheduler.state_dict().items() if not callable(v)},
+        "scheduler": None if state.scheduler is None else {
+            k: v for k, v in state.scheduler.state_dict().items() if not callable(v)},
         "tempbalance": None if tb is None else {
             "calls": tb.calls, "factors": tb.factors,
             "history": [asdict(r) for r in tb.history]},
@@ -137,7 +138,8 @@ def restore_checkpoint(path: Path, state: TrainingState,
         for name, value in trained.items():
             value.copy_(tensors[f"model.{name}"])
     _restore_optimizer(state.optimizer, tensors, saved["optimizer"])
-    state.scheduler.load_state_dict(saved["scheduler"])
+    if state.scheduler is not None:
+        state.scheduler.load_state_dict(saved["scheduler"])
     if state.tempbalance is not None:
         tb = state.tempbalance
         tb.calls = saved["tempbalance"]["calls"]

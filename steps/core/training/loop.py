@@ -6,9 +6,10 @@
                     epochs=30, tempbalance={"rule": "linear"})
 
 ``fit`` takes a batch adapter per data kind (``batches.TensorBatches``, ``batches.Encoded``)
-and implements once what every trainer needs: seeded shuffling, the cosine schedule,
-TempBalance (per epoch or every K steps), kept masks (pruned weights stay zero), per-epoch
-evaluation and records, checkpoint/resume, and the timing. ``train`` is its tensor front.
+and implements once what every trainer needs: seeded shuffling, the lr schedule (per-epoch
+cosine, or per-step linear with warmup: ``schedules``), TempBalance (per epoch or every K
+steps), kept masks (pruned weights stay zero), per-epoch evaluation and records,
+checkpoint/resume, and the timing. ``train`` is its tensor front.
 
 The same model weights, data and seed give identical losses: batches are shuffled with a
 seeded ``torch.Generator`` and the global torch RNG (dropout) is seeded at the start; a run
@@ -33,6 +34,7 @@ from steps.core.training.checkpoints import (
     restore_checkpoint,
     save_checkpoint,
 )
+from steps.core.training.schedules import Schedule, Scheduler, check_schedule, make_scheduler
 from steps.core.training.subsets import weighted_mean
 from steps.core.training.tempbalance import TempBalance, TempBalanceRecord
 
@@ -97,7 +99,8 @@ def fit(
     loss_fn: LossFn = nn.functional.cross_entropy,
     metric: str = "accuracy",
     eval_batch_size: int | None = None,
-    cosine: bool = True,
+    schedule: Schedule = "cosine",
+    warmup: float = 0.0,
     tempbalance: Mapping[str, Any] | None = None,
     balance_view: nn.Module | None = None,
     keep_mask: bool = False,
@@ -110,7 +113,11 @@ def fit(
     train_data / val_data: batch adapters; without val_data no per-epoch evaluation.
     metric: "accuracy" or "nrmse" (``batches.METRICS``), evaluated with ``eval_batch_size``
         (default ``batch_size``).
-    cosine: a per-epoch cosine schedule (CosineAnnealingLR, T_max = epochs) on the lr.
+    schedule: the global lr schedule (``schedules``): "cosine" (CosineAnnealingLR, T_max =
+        epochs, stepped per epoch), "linear" (HF's linear decay to 0 after a linear warmup
+        over the first ceil(warmup x all optimiser steps), stepped per optimiser step) or
+        "constant".
+    warmup: fraction of all optimiser steps spent warming up, in [0, 1); linear only.
     tempbalance: TempBalance options (e.g. {"rule": "linear"}), measured on
         ``balance_view`` (default the model). Factors are set from the initial weights and
         after every epoch, or every ``every_steps`` optimiser steps when that is given.
@@ -121,10 +128,14 @@ def fit(
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    check_schedule(schedule, warmup)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if cosine else None
+    steps_per_epoch = train_data.num_batches(batch_size) if schedule == "linear" else None
+    scheduler = make_scheduler(optimizer, schedule, warmup, epochs, steps_per_epoch)
+    step_scheduler = scheduler if schedule == "linear" else None
+    epoch_scheduler = scheduler if schedule == "cosine" else None
     tb = None
     if tempbalance is not None:
         view = balance_view if balance_view is not None else model
@@ -147,10 +158,11 @@ def fit(
     per_step = tb if tb is not None and tb.every_steps is not None else None
     for epoch in range(history.resumed_from + 1, epochs + 1):
         model.train()
-        losses = [_train_batch(model, optimizer, train_data, loss_fn, inputs, targets, per_step)
+        losses = [_train_batch(model, optimizer, train_data, loss_fn, inputs, targets,
+                               step_scheduler, per_step)
                   for inputs, targets in train_data.batches(batch_size, generator, device)]
-        if scheduler is not None:
-            scheduler.step()
+        if epoch_scheduler is not None:
+            epoch_scheduler.step()
         if tb is not None and per_step is None:
             tb.step()
         history.train_seconds += time.perf_counter() - start
@@ -182,7 +194,8 @@ def train(
     loss_fn: LossFn | None = None,
     batch_size: int = 64,
     seed: int = 0,
-    cosine: bool = True,
+    schedule: Schedule = "cosine",
+    warmup: float = 0.0,
     tempbalance: Mapping[str, Any] | None = None,
     keep_mask: bool = False,
     callback: Callback | None = None,
@@ -215,8 +228,8 @@ def train(
 
     return fit(model, optimizer, TensorBatches(train_data),
                TensorBatches(val_data) if val_data is not None else None, epochs=epochs,
-               batch_size=batch_size, seed=seed, loss_fn=loss_fn, metric=metric, cosine=cosine,
-               tempbalance=tempbalance, keep_mask=keep_mask,
+               batch_size=batch_size, seed=seed, loss_fn=loss_fn, metric=metric, schedule=schedule,
+               warmup=warmup, tempbalance=tempbalance, keep_mask=keep_mask,
                on_epoch=on_epoch if callback is not None else None, device=device)
 
 
@@ -235,11 +248,15 @@ def evaluate(
 
 def _train_batch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Batches,
                  loss_fn: LossFn, inputs: Any, targets: torch.Tensor,
-                 tb: TempBalance | None) -> tuple[float, int]:
+                 scheduler: Scheduler | None, tb: TempBalance | None) -> tuple[float, int]:
+    """One optimiser step; then the per-step schedule and TempBalance (in the reference's
+    order: the scheduler sets eta_t+1, TempBalance applies its factors to it)."""
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(data.outputs(model, inputs), targets)
     loss.backward()
     optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     if tb is not None:
         tb.step()
     return float(loss.detach()), len(targets)
