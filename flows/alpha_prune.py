@@ -23,7 +23,9 @@ class PruneSetup(BaseModel):
 
     model: str = Field("tiny-llama", description="tiny-gpt2, tiny-llama, smollm2, or a model "
                        "dir / safetensors path / artifact digest.")
-    estimator: str = Field("alpha_peak", description="Alpha fit used for the allocation.")
+    estimator: str = Field("alpha_peak", description="Alpha fit of the spectral table's "
+                           "`alpha` column and report; AlphaPruning always allocates from "
+                           "alpha_peak, its paper's fit (every fit is in the table).")
     nsamples: int = Field(8, ge=1, description="Calibration sequences.")
     seqlen: int = Field(128, ge=8, description="Calibration and evaluation window (tokens).")
     text_chars: int | None = Field(200_000, gt=0, description="Characters of KJV text kept "

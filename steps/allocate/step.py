@@ -40,9 +40,16 @@ def allocate_step(ctx: StepContext, params: AllocateParams, inputs: dict[str, Pa
                           f"metrics {ctx.input_digests.get('metrics', '')[:12]}".strip())
     if params.policy == "owl" and "outlier_ratio" not in metrics.column_names:
         metrics = measured_outlier_ratios(params, inputs)
+    options = dict(params.options)
     if params.blocks_only and "block" in metrics.column_names:
-        metrics = metrics.filter(pc.is_valid(metrics["block"]))
-    decisions = allocate(metrics, params.policy, **params.options)
+        in_blocks = pc.is_valid(metrics["block"])
+        if params.policy == "tempbalance" and model_ends_dropped(in_blocks):
+            # TempBalance leaves the model's first and last layers out; dropping the rows
+            # outside the blocks (embeddings, lm_head) has done that already, so the block
+            # layers now at the ends of the table take part.
+            options["exclude_first_last"] = False
+        metrics = metrics.filter(in_blocks)
+    decisions = allocate(metrics, params.policy, **options)
     if params.policy == "owl":
         report_owl_calibration(ctx, decisions)
     table_path = ctx.workdir / "decisions.parquet"
@@ -53,6 +60,12 @@ def allocate_step(ctx: StepContext, params: AllocateParams, inputs: dict[str, Pa
     ctx.log_metrics(decision_summary(decisions, POLICIES[params.policy].decision))
     return {"decisions": Output(table_path, "decisions", "application/vnd.apache.parquet"),
             "plot": Output(plot, "plot", "image/png")}
+
+
+def model_ends_dropped(in_blocks: pa.ChunkedArray) -> bool:
+    """Whether the first and the last rows (the model's first and last layers) lie outside
+    the blocks."""
+    return len(in_blocks) > 0 and not in_blocks[0].as_py() and not in_blocks[-1].as_py()
 
 
 def measured_outlier_ratios(params: AllocateParams, inputs: dict[str, Path]) -> pa.Table:

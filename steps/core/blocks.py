@@ -40,6 +40,8 @@ from steps.core.devices import resolve_device
 from steps.core.errors import TailwiseError
 
 PRUNABLE_TYPES = (nn.Linear, Conv1D)
+# OWL's outlier threshold M (|W| * ||X|| above M x the layer mean): 5, as OWL's LLaMA
+# scripts run it (llama7b_wanda_owll.sh: Hyper_m 5); its main.py's argparse default is 3.
 OWL_OUTLIER_M = 5.0
 # Calibration tokens per block call. Sequences of 512 tokens or more (the papers' 2048) run
 # at batch 1 like the reference code; shorter ones are grouped into fewer calls. A chunk's

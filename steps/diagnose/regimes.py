@@ -289,7 +289,7 @@ def measure_cell(models: Sequence[nn.Module], data: PlainData, train: Batch, *,
     first 101 x 64 training inputs, in order (all of them when there are fewer); ``_max`` /
     ``_min`` give the worst pair. ``test_accuracy`` is the seeds' mean (``_std`` their
     spread), ``density`` the measured share of non-zero prunable weights of the first seed.
-    A seed whose outputs are the same for every test input (its training collapsed) has no
+    A seed whose outputs are the same for every CKA input (its training collapsed) has no
     defined CKA; its pairs count 0 (no shared structure) and ``collapsed_seeds`` counts it.
     """
     if len(models) < 2:

@@ -92,8 +92,12 @@ class DiagnoseParams(BaseModel):
                                                "extra columns of the row (a zoo's "
                                                "hyperparameters, e.g. batch_size, seed).")
     hessian_samples: int = Field(200, ge=1, description="Training samples of the Hessian.")
-    trace_probes: int = Field(32, ge=2, description="Hutchinson probes.")
-    eigen_iterations: int = Field(30, ge=1, description="Power iterations (top eigenvalue).")
+    trace_probes: int = Field(32, ge=2, description="Hutchinson probes (a fixed count, so "
+                              "cost and result are known in advance; PyHessian stops at a "
+                              "1e-3 relative change, up to 100).")
+    eigen_iterations: int = Field(30, ge=1, description="Power iterations, at most (top "
+                                  "eigenvalue; stops at a 1e-3 relative change as PyHessian, "
+                                  "whose cap is 100; not a tree feature).")
     curve_epochs: int | None = Field(None, ge=1, description="Epochs training the Bezier "
                                      "bend (default: the released data's 50 / fraction).")
     curve_lr: float = Field(0.01, gt=0.0, description="SGD lr of the bend (reference 0.01).")

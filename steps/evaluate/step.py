@@ -20,7 +20,7 @@ from steps.evaluate.zeroshot import load_tasks, run_tasks, write_zero_shot_rows
 class EvaluateParams(BaseModel):
     name: str = Field("model", description="Label of this model in comparison tables.")
     seqlen: int | None = Field(None, ge=8, description="Perplexity window (default: the "
-                               "model's context length).")
+                               "model's context length, at most 2048).")
     max_windows: int | None = Field(None, ge=1, description="Evaluate only the first windows.")
     device: str = Field("auto", description="auto, cpu or cuda.")
     max_examples: int | None = Field(None, ge=1, description="data: evaluate a seeded, "

@@ -13,6 +13,7 @@ directory, data and params give bit-identical weights.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from steps.core.training import (
     layer_param_groups,
     plain_data,
     plain_kind,
+    sigmoid_interval,
     train,
     training_subset,
 )
@@ -88,6 +90,10 @@ def run_plain(model_dir: str | Path, dataset: str = "digits", *, batch_size: int
     model = load_model(model_dir)
     data = plain_data(dataset, model, split_seed)
     subset = training_subset(data, fraction, seed)
+    if tempbalance is not None and tempbalance.get("rule") == "sigmoid" \
+            and tempbalance.get("every_steps") is None:  # TB_Sigmoid's K, as the HF path
+        steps_per_epoch = math.ceil(len(subset[1]) / batch_size)
+        tempbalance = tempbalance | {"every_steps": sigmoid_interval(steps_per_epoch)}
     opt = _optimizer(model, optimizer, lr, momentum, weight_decay, tempbalance is not None)
     history = train(model, subset, data.test, optimizer=opt, epochs=epochs,
                     batch_size=batch_size, seed=seed, schedule=schedule, warmup=warmup,

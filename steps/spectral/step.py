@@ -30,9 +30,14 @@ class SpectralParams(BaseModel):
     device: str = Field("auto", description="auto, cpu or cuda.")
     include: list[str] | None = Field(None, description="Regexes: only matching matrices.")
     exclude: list[str] | None = Field(None, description="Regexes: skip matching matrices.")
-    min_evals: int = Field(10, ge=1)
-    max_evals: int | None = Field(15_000, ge=1)
-    max_n: int | None = Field(50_000, ge=1)
+    # WeightWatcher's skip limits. They apply to every alpha column, while the AlphaPruning
+    # and TempBalance references analyse every matrix: a model with a side over 15,000 needs
+    # max_evals raised (or None) for those allocations to see all of its matrices.
+    min_evals: int = Field(10, ge=1, description="Skip matrices with fewer eigenvalues.")
+    max_evals: int | None = Field(15_000, ge=1, description="Skip matrices with more "
+                                  "eigenvalues (None: no limit).")
+    max_n: int | None = Field(50_000, ge=1, description="Skip matrices with a longer side "
+                              "(None: no limit).")
     conv_slices: bool = Field(False, description="One row per conv kernel slice.")
     farms: bool = Field(False, description="Also FARMS alpha (alpha_peak_farms) per matrix.")
     farms_window: int = Field(DEFAULT_WINDOW, ge=1, description="FARMS window rows (capped "

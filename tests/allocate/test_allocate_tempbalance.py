@@ -1,6 +1,7 @@
 """TempBalance learning-rate factors: linear map and the sigmoid block variant."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from allocate_helpers import layer_table
@@ -120,3 +121,27 @@ def test_llama7b_linear_hits_both_ends(llama7b):
 def test_lr_min_above_lr_max_is_rejected():
     with pytest.raises(AllocationError, match="lr_min"):
         allocate(layer_table([1.0, 2.0]), "tempbalance", lr_min=2.0, lr_max=1.0)
+
+
+def test_step_keeps_the_block_layers_when_blocks_only_dropped_the_model_s_ends(tmp_path):
+    """The model's first and last layers (embedding, lm_head) are out of the blocks: the
+    block layers at the ends of what is left are balanced, not left out in their place."""
+    import pyarrow.parquet as pq
+
+    from steps.core.registry import load_step
+    from steps.core.step import run_step
+    from steps.core.store import open_store
+
+    names = ["model.embed_tokens", "model.layers.0.q", "model.layers.0.o", "model.layers.1.q",
+             "model.layers.1.o", "lm_head"]
+    table = pa.table({"name": names, "block": [None, 0, 0, 1, 1, None],
+                      "alpha_hill": [9.0, 2.0, 3.0, 4.0, 6.0, 0.5]})
+    pq.write_table(table, tmp_path / "metrics.parquet")
+    store = open_store(str(tmp_path / "store"))
+    metrics = store.put(tmp_path / "metrics.parquet", "metrics").digest
+    done = run_step(load_step("allocate"), {"policy": "tempbalance"}, {"metrics": metrics},
+                    store=store)
+    decisions = pq.read_table(store.get(done.digests()["decisions"], tmp_path / "d.parquet"))
+    assert decisions["name"].to_pylist() == names[1:-1]
+    assert decisions["included"].to_pylist() == [True] * 4
+    np.testing.assert_allclose(decisions["lr_factor"].to_numpy(), [0.5, 0.75, 1.0, 1.5])

@@ -116,3 +116,16 @@ def test_finetune_plain_outputs_in_a_step(mlp_dir, tmp_path):
                             lr=0.05)
     assert metrics == pytest.approx(direct)
     assert trained.config.hidden == (16, 16)
+
+
+def test_sigmoid_recomputes_alpha_every_tb_sigmoid_interval(tmp_path):
+    """As on the HF path: without tb_every_steps, TB_Sigmoid recomputes alpha every
+    min(100, steps_per_epoch / 10) optimiser steps, not once per epoch."""
+    from steps.finetune.plain import run_plain
+
+    mlp = save_hf(build_model("mlp", seed=0, width=64), None, tmp_path / "mlp")
+    options = {"rule": "sigmoid", "by_block": False, "exclude_first_last": False}
+    run = run_plain(mlp, "digits", seed=0, tempbalance=options, **FAST)
+    steps = FAST["epochs"] * -(-run.metrics["train_examples"] // FAST["batch_size"])  # 4 x 23
+    # The initial weights' alpha, then every max(1, 23 // 10) = 2 steps (per epoch: 1 + 4).
+    assert len(run.history.tempbalance) == 1 + steps // 2
