@@ -180,9 +180,9 @@ class TempBalance:
     every_steps: recompute every K calls of step() instead of on every call.
     exclude_first_last / min_evals: the first and last layers, and layers whose ESD has fewer
         eigenvalues (min side x kernel size), keep factor 1.0 and are not analysed.
-    groups: "layer" (default, METHODS.md section 2's rule, kept as the default by the
-        faithful-defaults audit: it also balances transformers' Embedding / Conv1D layers and
-        their LayerNorms, which the reference's CNN grouping leaves at the global lr): every
+    groups: "layer" (default, METHODS.md section 2's rule: it also balances transformers'
+        Embedding / Conv1D layers and their LayerNorms, which the reference's CNN grouping
+        leaves at the global lr): every
         Linear / Conv / Conv1D / Embedding is a layer and the parameters of other modules
         (norms) follow the layer before them (``layer_param_groups``); "reference": the
         TempBalance reference's grouping
