@@ -31,8 +31,8 @@ class SpectralParams(BaseModel):
     include: list[str] | None = Field(None, description="Regexes: only matching matrices.")
     exclude: list[str] | None = Field(None, description="Regexes: skip matching matrices.")
     # WeightWatcher's skip limits. They apply to every alpha column, while the AlphaPruning
-    # and TempBalance references analyse every matrix: a model with a side over 15,000 needs
-    # max_evals raised (or None) for those allocations to see all of its matrices.
+    # and TempBalance references analyse every matrix: matrices whose smaller side is over
+    # 15,000 need max_evals raised (or None) for those allocations to see them.
     min_evals: int = Field(10, ge=1, description="Skip matrices with fewer eigenvalues.")
     max_evals: int | None = Field(15_000, ge=1, description="Skip matrices with more "
                                   "eigenvalues (None: no limit).")
