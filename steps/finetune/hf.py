@@ -48,7 +48,7 @@ from steps.core.training import (
     encode,
     evaluate_classifier,
     fit,
-    sigmoid_interval,
+    with_default_interval,
 )
 from steps.core.weights import module_layer_type
 
@@ -343,13 +343,13 @@ def _optimizer(groups: list[dict[str, Any]], config: FinetuneConfig) -> torch.op
 def _tempbalance_options(config: FinetuneConfig, steps_per_epoch: int) -> dict | None:
     if config.tempbalance == "none":
         return None
-    every = config.tb_every_steps
-    if every is None and config.tempbalance == "sigmoid":
-        every = sigmoid_interval(steps_per_epoch)
-    return {"rule": config.tempbalance, "lr_range": (config.tb_low, config.tb_high),
-            "scale": config.tb_scale, "scale_low": config.tb_scale_low,
-            "scale_high": config.tb_scale_high, "every_steps": every, "device": config.device,
-            "farms": IMAGE_CLASSIFICATION_OPTIONS if config.tb_farms else None}
+    return with_default_interval(
+        {"rule": config.tempbalance, "lr_range": (config.tb_low, config.tb_high),
+         "scale": config.tb_scale, "scale_low": config.tb_scale_low,
+         "scale_high": config.tb_scale_high, "every_steps": config.tb_every_steps,
+         "device": config.device,
+         "farms": IMAGE_CLASSIFICATION_OPTIONS if config.tb_farms else None},
+        steps_per_epoch)
 
 
 # ------------------------------------------------------------------------- saving

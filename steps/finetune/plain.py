@@ -37,9 +37,9 @@ from steps.core.training import (
     layer_param_groups,
     plain_data,
     plain_kind,
-    sigmoid_interval,
     train,
     training_subset,
+    with_default_interval,
 )
 
 __all__ = ["PlainData", "PlainRun", "finetune_plain_outputs", "plain_data", "plain_kind",
@@ -90,10 +90,8 @@ def run_plain(model_dir: str | Path, dataset: str = "digits", *, batch_size: int
     model = load_model(model_dir)
     data = plain_data(dataset, model, split_seed)
     subset = training_subset(data, fraction, seed)
-    if tempbalance is not None and tempbalance.get("rule") == "sigmoid" \
-            and tempbalance.get("every_steps") is None:  # TB_Sigmoid's K, as the HF path
-        steps_per_epoch = math.ceil(len(subset[1]) / batch_size)
-        tempbalance = tempbalance | {"every_steps": sigmoid_interval(steps_per_epoch)}
+    if tempbalance is not None:
+        tempbalance = with_default_interval(tempbalance, math.ceil(len(subset[1]) / batch_size))
     opt = _optimizer(model, optimizer, lr, momentum, weight_decay, tempbalance is not None)
     history = train(model, subset, data.test, optimizer=opt, epochs=epochs,
                     batch_size=batch_size, seed=seed, schedule=schedule, warmup=warmup,

@@ -17,6 +17,7 @@ from steps.core.training.tempbalance import (
     layer_param_groups,
     pooled_esds,
     sigmoid_interval,
+    with_default_interval,
 )
 from steps.spectral import analyze
 
@@ -232,6 +233,12 @@ def test_every_steps_recomputes_every_k_calls():
     assert tb.esd_seconds == pytest.approx(sum(r.seconds for r in tb.history))
     assert tb.esd_seconds > 0
     assert [sigmoid_interval(n) for n in (5000, 250, 3)] == [100, 25, 1]
+
+
+def test_default_interval_only_for_sigmoid_without_one():
+    assert with_default_interval({"rule": "sigmoid"}, 250)["every_steps"] == 25
+    assert with_default_interval({"rule": "sigmoid", "every_steps": 7}, 250)["every_steps"] == 7
+    assert "every_steps" not in with_default_interval({"rule": "linear"}, 250)
 
 
 # --- parity with the spectral step ----------------------------------------------------

@@ -37,6 +37,7 @@ from steps.core.training.tempbalance import (
     TempBalanceRecord,
     layer_param_groups,
     sigmoid_interval,
+    with_default_interval,
 )
 
 __all__ = [
@@ -71,5 +72,6 @@ __all__ = [
     "train",
     "training_subset",
     "weighted_mean",
+    "with_default_interval",
 ]
 

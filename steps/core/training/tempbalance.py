@@ -70,6 +70,7 @@ __all__ = [
     "reference_param_groups",
     "regroup_by_layer",
     "sigmoid_interval",
+    "with_default_interval",
 ]
 
 Rule = Literal["linear", "sigmoid"]
@@ -160,6 +161,14 @@ def reference_param_groups(model: nn.Module, base_lr: float) -> list[dict[str, A
 def sigmoid_interval(steps_per_epoch: int) -> int:
     """TB_Sigmoid's ESD interval in optimiser steps: min(100, steps_per_epoch / 10), >= 1."""
     return max(1, min(100, steps_per_epoch // 10))
+
+
+def with_default_interval(options: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """TempBalance options with TB_Sigmoid's interval when they name none (the linear rule
+    stays per epoch, as its reference)."""
+    if options.get("rule") == "sigmoid" and options.get("every_steps") is None:
+        return options | {"every_steps": sigmoid_interval(steps_per_epoch)}
+    return options
 
 
 class TempBalance:
