@@ -27,9 +27,6 @@ from steps.core.lineage import (
 )
 from steps.core.store import digest_from_ref, open_store
 
-# Re-hashing more than this shows a progress bar (on stderr, so stdout stays the report).
-PROGRESS_BYTES = 256 * 1024 * 1024
-
 
 class RefOrCommand(TyperGroup):
     """A group whose first argument, when it is not a subcommand, is the REF of `show`."""
@@ -88,7 +85,10 @@ def check(
     fmt: JsonFormat = "text",
     store: StoreOption = None,
 ) -> None:
-    """Re-hash REF and its chain against the manifests; exit 1 on any finding."""
+    """Re-hash REF and its chain against the manifests; exit 1 on any finding.
+
+    Each finding is printed as it is made (JSON too is written as it goes), so a check of a
+    large store shows its progress and keeps a flat memory."""
     from steps.core import lineage_check as lc
 
     fmt = text_or_json(fmt)
@@ -96,49 +96,97 @@ def check(
         raise TailwiseError("give an artifact REF or --all (not both)")
     the_store = open_store(store)
     the_store.require_artifacts()
-    loaded = lc.targets(the_store, None if all_ else ref, downstream_)
-    cache = lc.cache_keys(the_store) if all_ else lc.cache_keys_of(loaded, the_store)
-    total = sum(item.manifest.size for item in loaded if item.manifest)
-    with ProgressBar(total) as advance:
-        findings = list(lc.check(the_store, loaded, cache, advance))
-    bad = [f for f in findings if not f.ok]
-    if fmt == "json":
-        print(json.dumps({"findings": [f.to_json() for f in findings], "problems": len(bad),
-                          "artifacts": len(loaded), "cache_entries": len(cache)}, indent=2))
-    else:
-        for finding in findings:
-            print(finding.line())
-        print(f"checked {len(loaded)} artifacts ({total / 1e6:.1f} MB of content) and "
-              f"{len(cache)} cache entries: " + (f"{len(bad)} problem(s)" if bad else "all ok"))
-    if bad:
+    what = lc.scope(the_store, None if all_ else ref, downstream_)
+    report = CheckReport(fmt)
+    with CheckProgress(what.count) as progress:
+        for finding in lc.check(the_store, what, progress.advance, progress.next_artifact):
+            report.add(finding)
+    report.close(what.count, progress.content_bytes)
+    if report.problems:
         raise typer.Exit(1)
 
 
-class ProgressBar:
-    """A byte progress bar on stderr for large checks; a no-op callback otherwise."""
+class CheckReport:
+    """Writes findings as they come: one line each, or one JSON document written as it goes."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.bar = None
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.written = self.problems = self.cache_entries = 0
+        if fmt == "json":
+            sys.stdout.write('{\n  "findings": [')
 
-    def __enter__(self):
-        if self.total < PROGRESS_BYTES:
-            return None
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+    def add(self, finding) -> None:
+        self.problems += not finding.ok
+        self.cache_entries += finding.file.startswith("cache/")
+        if self.fmt == "json":
+            separator = "," if self.written else ""
+            sys.stdout.write(f"{separator}\n    {json.dumps(finding.to_json())}")
+        else:
+            print(finding.line())
+        self.written += 1
 
-        self.bar = Progress("re-hashing", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-        self.bar.start()
-        task = self.bar.add_task("check", total=self.total)
-        return lambda n: self.bar.advance(task, n)
+    def close(self, artifacts: int, content_bytes: int) -> None:
+        if self.fmt == "json":
+            sys.stdout.write(f'\n  ],\n  "problems": {self.problems},\n  "artifacts": {artifacts},'
+                             f'\n  "cache_entries": {self.cache_entries}\n}}\n')
+            return
+        print(f"checked {artifacts} artifacts ({content_bytes / 1e6:.1f} MB of content) and "
+              f"{self.cache_entries} cache entries: "
+              + (f"{self.problems} problem(s)" if self.problems else "all ok"))
+
+
+class CheckProgress:
+    """A bar on stderr (when it is a terminal) counting artifacts, the one being checked in
+    step with its bytes re-hashed, so one large model moves the bar as well as many small."""
+
+    def __init__(self, artifacts: int, console: Console | None = None) -> None:
+        self.artifacts = artifacts
+        self.console = console or Console(stderr=True)
+        self.content_bytes = 0
+        self.size = 0  # of the artifact being checked
+        self.done: float | None = None  # of it, as a fraction (None: none started)
+        self.bar = self.task = None
+
+    def __enter__(self) -> CheckProgress:
+        if self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            # stdout goes through the bar's console only when it is the same terminal.
+            self.bar = Progress(TextColumn("re-hashing"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("artifacts, {task.fields[mb]:.0f} MB"),
+                                TimeRemainingColumn(), console=self.console, transient=True,
+                                redirect_stdout=sys.stdout.isatty(), redirect_stderr=False)
+            self.bar.start()
+            self.task = self.bar.add_task("check", total=self.artifacts, mb=0.0)
+        return self
+
+    def next_artifact(self, loaded) -> None:
+        if self.done is not None:
+            self._step(1.0 - self.done)
+        self.size = loaded.manifest.size if loaded.manifest else 0
+        self.done = 0.0
+        self.content_bytes += self.size
+
+    def advance(self, nbytes: int) -> None:
+        if self.size and self.done is not None:
+            share = min(nbytes / self.size, 1.0 - self.done)
+            self.done += share
+            self._step(share, nbytes)
+
+    def _step(self, artifacts: float, nbytes: int = 0) -> None:
+        if self.bar is not None:
+            mb = self.bar.tasks[0].fields["mb"] + nbytes / 1e6
+            self.bar.update(self.task, advance=artifacts, mb=mb)
 
     def __exit__(self, *exc) -> None:
+        if self.done is not None:
+            self._step(1.0 - self.done)
         if self.bar is not None:
             self.bar.stop()
 

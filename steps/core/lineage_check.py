@@ -1,16 +1,20 @@
 """`tailwise lineage check`: prove that the store holds what its manifests say.
 
 For each artifact: its manifest is a manifest, names its own digest and still matches its
-checksum (an edit shows); its content re-hashes to the digests it records (streamed, so
-memory stays flat whatever the size); its input digests exist. Each cache entry must point
-at existing artifacts. A problem is reported against the artifact it breaks, with the
-file it is in, and the walk goes on: a broken upstream manifest does not hide the rest.
+checksum (an edit shows); its content re-hashes to the digests it records; its input digests
+exist. Each cache entry must point at existing artifacts. A problem is reported against the
+artifact it breaks, with the file it is in, and the walk goes on: a broken upstream manifest
+does not hide the rest.
+
+Streamed: content is hashed in chunks, each manifest is read when its artifact is checked and
+each finding is handed on as it is made, so memory does not grow with artifact sizes or with
+the number of manifests (beyond the store's listing of digests).
 """
 
 from __future__ import annotations
 
 import json
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -24,6 +28,9 @@ from steps.core.store import (
 )
 
 OK, MISSING, DIFFERS, INCONSISTENT = "ok", "missing", "content differs", "manifest inconsistent"
+# Objects shared by several artifacts (a tokenizer file in every pruned model) are hashed once
+# while they stay among this many most recently hashed.
+REMEMBERED_OBJECTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -96,20 +103,30 @@ def walk_upstream(store: ArtifactStore, root: str) -> list[Loaded]:
     return list(seen.values())
 
 
-def walk_downstream(store: ArtifactStore, root: str) -> list[Loaded]:
-    """The root and everything built from it (every manifest of the store is read)."""
-    everything = {d: load(store, d) for d in store.digests()}
+def downstream_digests(store: ArtifactStore, root: str) -> list[str]:
+    """The root and everything built from it: one pass over the store's manifests that keeps
+    only who consumes what (digests), not the manifests."""
     consumers: dict[str, list[str]] = {}
-    for loaded in everything.values():
-        for digest in inputs_of(loaded):
-            consumers.setdefault(digest, []).append(loaded.digest)
-    found, queue = {root: everything.get(root) or load(store, root)}, deque([root])
+    for digest in store.digests():
+        for parent in inputs_of(load(store, digest)):
+            consumers.setdefault(parent, []).append(digest)
+    found, queue = {root: None}, deque([root])
     while queue:
         for product in consumers.get(queue.popleft(), []):
             if product not in found:
-                found[product] = everything[product]
+                found[product] = None
                 queue.append(product)
-    return list(found.values())
+    return list(found)
+
+
+@dataclass
+class Scope:
+    """What a check covers: its artifacts (each manifest read as it is checked) and cache
+    entries (None: the entries that made the artifacts checked)."""
+
+    count: int
+    artifacts: Iterable[Loaded]
+    cache: list[str] | None
 
 
 class Checker:
@@ -119,15 +136,21 @@ class Checker:
                  on_bytes: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.on_bytes = on_bytes
-        self.hashed: dict[str, str | None] = {}  # object digest -> what it hashes to (None: gone)
+        # object digest -> what it hashes to (None: gone), most recent last
+        self.hashed: OrderedDict[str, str | None] = OrderedDict()
 
     def object_hash(self, digest: str) -> str | None:
-        if digest not in self.hashed:
-            try:
-                self.hashed[digest] = self.store.object_sha256(digest, self.on_bytes)
-            except ObjectMissing:
-                self.hashed[digest] = None
-        return self.hashed[digest]
+        if digest in self.hashed:
+            self.hashed.move_to_end(digest)
+            return self.hashed[digest]
+        try:
+            actual = self.store.object_sha256(digest, self.on_bytes)
+        except ObjectMissing:
+            actual = None
+        self.hashed[digest] = actual
+        if len(self.hashed) > REMEMBERED_OBJECTS:
+            self.hashed.popitem(last=False)
+        return actual
 
     def artifact(self, loaded: Loaded) -> list[Finding]:
         """Every problem of one artifact, or one `ok`."""
@@ -192,26 +215,39 @@ def cache_keys(store: ArtifactStore) -> list[str]:
     return [key.rsplit("/", 1)[-1].removesuffix(".json") for key in store.backend.list("cache")]
 
 
-def targets(store: ArtifactStore, ref: str | None, downstream: bool = False) -> list[Loaded]:
-    """What a check covers: REF and its chain (up, or down), or every artifact (ref None)."""
+def scope(store: ArtifactStore, ref: str | None, downstream: bool = False) -> Scope:
+    """REF and its chain (up, or down with `downstream`), or every artifact and cache entry
+    of the store (ref None)."""
     if ref is None:
-        return [load(store, digest) for digest in store.digests()]
+        return _lazy(store, list(store.digests()), cache_keys(store))
     root = store.resolve(ref)
-    return walk_downstream(store, root) if downstream else walk_upstream(store, root)
+    if downstream:
+        return _lazy(store, downstream_digests(store, root), None)
+    chain = walk_upstream(store, root)  # a chain is short: its manifests are read once
+    return Scope(len(chain), chain, None)
 
 
-def check(store: ArtifactStore, loaded: Iterable[Loaded], cache: Iterable[str],
-          on_bytes: Callable[[int], None] | None = None) -> Iterator[Finding]:
-    """Findings for each artifact, then for each cache entry."""
+def _lazy(store: ArtifactStore, digests: list[str], cache: list[str] | None) -> Scope:
+    return Scope(len(digests), (load(store, d) for d in digests), cache)
+
+
+def check(store: ArtifactStore, what: Scope,
+          on_bytes: Callable[[int], None] | None = None,
+          on_artifact: Callable[[Loaded], None] | None = None) -> Iterator[Finding]:
+    """Findings for each artifact as it is checked, then for each cache entry.
+
+    `on_artifact` is told of each artifact before its content is re-hashed and `on_bytes`
+    of each chunk hashed (a progress bar)."""
     checker = Checker(store, on_bytes)
-    for item in loaded:
+    made_by: set[str] = set()
+    for item in what.artifacts:
+        if on_artifact is not None:
+            on_artifact(item)
         yield from checker.artifact(item)
+        made = item.manifest.produced_by if item.manifest else None
+        if made is not None and made.cache_key:
+            made_by.add(made.cache_key)
+    cache = what.cache if what.cache is not None else sorted(
+        k for k in made_by if store.backend.exists(f"cache/{k}.json"))
     for key in cache:
         yield from checker.cache_entry(key)
-
-
-def cache_keys_of(loaded: Iterable[Loaded], store: ArtifactStore) -> list[str]:
-    """The cache entries that made these artifacts, where they are still in the store."""
-    keys = {item.manifest.produced_by.cache_key for item in loaded
-            if item.manifest and item.manifest.produced_by and item.manifest.produced_by.cache_key}
-    return sorted(k for k in keys if store.backend.exists(f"cache/{k}.json"))

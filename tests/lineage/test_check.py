@@ -3,36 +3,37 @@ blob anywhere up the chain is named (digest and file), on a local store and on S
 
 from __future__ import annotations
 
+import io
 import json
+import tracemalloc
 
+import pytest
 from cli import tailwise
+from rich.console import Console
 
-from steps.core.lineage_check import (
-    DIFFERS,
-    INCONSISTENT,
-    MISSING,
-    cache_keys,
-    cache_keys_of,
-    check,
-    targets,
-)
-from steps.core.store import manifest_key, object_key
+from steps.cli.lineage import CheckProgress
+from steps.core.lineage_check import DIFFERS, INCONSISTENT, MISSING, Loaded, check, scope
+from steps.core.store import manifest_key, object_key, open_store
+from tailwise_dev.synthetic_lineage import synthetic_manifests, write_manifests
 
 
 def problems(store, ref=None, downstream=False):
-    loaded = targets(store, ref, downstream)
-    cache = cache_keys(store) if ref is None else cache_keys_of(loaded, store)
-    return [f for f in check(store, loaded, cache) if not f.ok]
+    return [f for f in check(store, scope(store, ref, downstream)) if not f.ok]
+
+
+def checked(store, ref, downstream=False) -> set[str]:
+    return {f.digest for f in check(store, scope(store, ref, downstream))
+            if not f.file.startswith("cache/")}
 
 
 def test_intact_chain_passes_and_every_artifact_is_reported(chain):
-    loaded = targets(chain.store, chain.count[:10])
-    assert {item.digest for item in loaded} == {chain.text, chain.loud, chain.count}
-    findings = list(check(chain.store, loaded, cache_keys_of(loaded, chain.store)))
+    findings = list(check(chain.store, scope(chain.store, chain.count[:10])))
+    assert {f.digest for f in findings[:3]} == {chain.text, chain.loud, chain.count}
     assert all(f.ok for f in findings) and len(findings) == 3 + 2  # artifacts + cache entries
     assert problems(chain.store) == []
-    assert {item.digest for item in targets(chain.store, chain.text, downstream=True)} == \
+    assert checked(chain.store, chain.text, downstream=True) == \
         {chain.text, chain.loud, chain.count}
+    assert checked(chain.store, chain.loud, downstream=True) == {chain.loud, chain.count}
 
 
 def test_one_flipped_byte_upstream_is_named(chain):
@@ -135,3 +136,37 @@ def test_help_lists_every_subcommand_and_lineage_ref_still_shows(local_chain, ca
     code, out, _ = tailwise(capsys, monkeypatch, "lineage", "--store",
                             str(local_chain.store.backend.root), local_chain.count[:12])
     assert code == 0 and "made by step count v1" in out
+
+
+def test_memory_does_not_grow_with_the_manifests_checked(tmp_path):
+    """Streamed: a manifest is read when its artifact is checked and each finding is handed
+    on, so what stays is the listing (a digest per artifact), not ~4 KB of manifest each."""
+    def peak_bytes(count: int) -> int:
+        root = tmp_path / f"store-{count}"
+        write_manifests(root, synthetic_manifests(count))  # no content: each is `missing`
+        store = open_store(str(root))
+        tracemalloc.start()
+        found = sum(1 for _ in check(store, scope(store, None)))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert found == count
+        return peak
+
+    small = peak_bytes(300)  # first: it also pays for what is allocated once
+    growth = (peak_bytes(1500) - small) / 1200
+    assert growth < 1024, f"{growth:.0f} bytes more per manifest checked"
+
+
+def test_the_progress_bar_counts_artifacts_and_moves_within_a_large_one(local_chain):
+    store, terminal = local_chain.store, Console(file=io.StringIO(), force_terminal=True)
+    what = scope(store, None)
+    with CheckProgress(what.count, terminal) as progress:
+        assert all(f.ok for f in check(store, what, progress.advance, progress.next_artifact))
+    task = progress.bar.tasks[0]
+    assert task.completed == pytest.approx(3) and task.total == 3
+    assert task.fields["mb"] == pytest.approx(progress.content_bytes / 1e6)
+    with CheckProgress(1, terminal) as progress:
+        progress.next_artifact(Loaded("a" * 64, store.stat(local_chain.text), None))
+        progress.advance(progress.size // 4)
+        assert progress.bar.tasks[0].completed == pytest.approx(0.25, abs=0.01)
+    assert progress.bar.tasks[0].completed == pytest.approx(1)
