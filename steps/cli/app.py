@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from steps.core.errors import TailwiseError
 from steps.core.hub import is_hub_id, store_hub_model
@@ -163,3 +164,13 @@ def key_values(items: list[str] | None) -> dict:
         values[key] = json.loads(value) if re.fullmatch(r"[-+\d.eE]+|true|false|null", value) \
             else value
     return values
+
+
+def print_table(table: Table) -> None:
+    """On a terminal, fit its width; in a file or pipe (80 columns to rich), keep every cell
+    whole on one line."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = Console(width=10_000).measure(table).maximum
+    Console(width=width, no_color=console.no_color).print(table)

@@ -11,20 +11,21 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from steps.cli.app import StoreOption, app, console, key_values
+from steps.cli.app import StoreOption, app, console, key_values, print_table
 from steps.core.errors import TailwiseError
 from steps.core.lineage import (
     FORMATS,
     annotate_metrics,
     downstream,
-    params_text,
     render,
     upstream,
 )
+from steps.core.lineage_diff import flat
 from steps.core.store import digest_from_ref, open_store
 
 
@@ -243,17 +244,38 @@ def find(
     if fmt == "json":
         print(json.dumps({"total": total, "matches": [m.to_json() for m in matches]}, indent=2))
         return
-    table = Table("digest", "kind", "step", "params", "created")
+    shown = key_params(matches, list(key_values(param)))
+    table = Table("digest", "kind", "step", "params", "created (UTC)", box=box.SIMPLE_HEAD)
+    for column in table.columns:
+        column.no_wrap = column.header != "params"
+    table.columns[3].overflow = "fold"  # whole values, over more lines
     for m in matches:
-        table.add_row(m.digest[:12], m.kind, m.step or "-", _cut(params_text(m.params), 60),
-                      m.created_at[:19])
-    console.print(table)
+        values = flat(m.params, "")
+        table.add_row(m.digest[:12], m.kind, m.step or "-",
+                      "  ".join(f"{k}={json.dumps(values[k])}" for k in shown[m.step]
+                                if k in values),
+                      m.created_at[:16].replace("T", " "))
+    print_table(table)
     console.print(f"{total} matches" + (f" (newest {len(matches)} shown)"
                                         if len(matches) < total else ""))
 
 
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
+def key_params(matches: list, asked: list[str]) -> dict[str | None, list[str]]:
+    """For each step, the params worth showing: those asked for, then those whose values tell
+    its matches apart (nested keys dotted) or, when none does, those set to something."""
+    by_step: dict[str | None, list[dict]] = {}
+    for m in matches:
+        by_step.setdefault(m.step, []).append(flat(m.params, ""))
+    shown = {}
+    for step, rows in by_step.items():
+        keys = sorted({k for row in rows for k in row})
+        differ = [k for k in keys if len({json.dumps(row.get(k)) for row in rows}) > 1]
+        telling = differ or [k for k in keys if any(row.get(k) not in UNSET for row in rows)]
+        shown[step] = [k for k in asked if k in keys] + [k for k in telling if k not in asked]
+    return shown
+
+
+UNSET = (None, False, "", [], {})
 
 
 @lineage_app.command()
@@ -268,10 +290,10 @@ def stale(fmt: JsonFormat = "text", store: StoreOption = None) -> None:
     if fmt == "json":
         print(json.dumps([s.to_json() for s in found], indent=2))
         return
-    table = Table("digest", "kind", "step", "why")
+    table = Table("digest", "kind", "step", "why", box=box.SIMPLE_HEAD)
     for item in found:
         table.add_row(item.digest[:12], item.kind, item.step, item.reason)
-    console.print(table)
+    print_table(table)
     console.print(f"{len(found)} stale artifacts" + (
         "; a flow run with settings.recompute_stale recomputes them" if found else ""))
 

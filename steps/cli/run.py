@@ -19,11 +19,10 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from steps.cli.app import app, console
+from steps.cli.app import app, console, print_table
 from steps.core.errors import ParamsError, TailwiseError, one_line
 
 DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -250,16 +249,6 @@ def show_result(flow: str, result: Any) -> None:
                 console.print(f"{key}.{name}: {manifest.digest}  ({state})", soft_wrap=True)
         else:
             console.print(f"{key}: {value}", soft_wrap=True, markup=False)
-
-
-def print_table(table: Table) -> None:
-    """On a terminal, fit its width; in a file or pipe (80 columns to rich), keep every cell
-    whole on one line."""
-    if console.is_terminal:
-        console.print(table)
-        return
-    width = Console(width=10_000).measure(table).maximum
-    Console(width=width, no_color=console.no_color).print(table)
 
 
 def is_rows(value: Any) -> bool:

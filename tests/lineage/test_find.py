@@ -8,8 +8,9 @@ import json
 import pytest
 from cli import tailwise
 
+from steps.cli.lineage import key_params
 from steps.core.errors import ArtifactNotFound
-from steps.core.lineage_index import LineageIndex, Query, since_timestamp
+from steps.core.lineage_index import LineageIndex, Match, Query, since_timestamp
 from steps.core.store import open_store
 from tailwise_dev.synthetic_lineage import synthetic_manifests, write_manifests
 
@@ -120,3 +121,15 @@ def test_cli_table_and_json(synthetic, capsys, monkeypatch):
     code, _, err = tailwise(capsys, monkeypatch, "lineage", "find", "--produced-from", "0",
                             *where)
     assert code == 2 and "at least 4 hex" in err
+
+
+def test_the_table_shows_the_params_that_tell_each_steps_matches_apart():
+    def match(step, **params):
+        return Match("0" * 64, "model", None, step, params, "2026-12-01T00:00:00.000+00:00")
+
+    matches = [match("prune", method="wanda", sparsity=0.7, seed=0, options={"nm": None}),
+               match("prune", method="magnitude", sparsity=0.7, seed=0, options={"nm": None}),
+               match("evaluate", seqlen=128, tasks=[], name="a", quiet=False)]
+    shown = key_params(matches, asked=["sparsity"])
+    assert shown["prune"] == ["sparsity", "method"]  # asked for, then what differs
+    assert shown["evaluate"] == ["name", "seqlen"]  # one match: the params set to something
