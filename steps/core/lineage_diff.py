@@ -93,17 +93,29 @@ def shown(value: Any) -> str:
 
 
 def to_text(a: str, b: str, rows: list[Row]) -> str:
-    lines = [f"A {a[:12]}  B {b[:12]}"]
-    place = None
+    """What differs, place by place, with A's value | B's; what is equal is named (a place
+    equal in every field is one line)."""
+    places: dict[str, list[Row]] = {}
     for row in rows:
-        if row.place != place:
-            place = row.place
-            lines.append(f"{place}:")
-        value = shown(row.a) if row.equal else f"{shown(row.a)} | {shown(row.b)}"
-        lines.append(f"  {'equal ' if row.equal else 'DIFFERS'} {row.field:<24} {value}")
-    differing = [f"{r.field} ({r.place})" for r in rows if not r.equal]
-    lines.append(f"{len(differing)} differ: {', '.join(differing)}" if differing
-                 else "identical lineage")
+        places.setdefault(row.place, []).append(row)
+    differing = [r for r in rows if not r.equal]
+    width = max((len(r.field) for r in differing), default=0)
+    a_width = max((len(shown(r.a)) for r in differing), default=0)
+    lines = [f"A {a[:12]}  B {b[:12]}: " + (
+        f"{len(differing)} fields differ at "
+        f"{sum(any(not r.equal for r in rs) for rs in places.values())} of {len(places)} places"
+        if differing else "identical lineage")]
+    for place, place_rows in places.items():
+        equal = [r.field for r in place_rows if r.equal]
+        if len(equal) == len(place_rows):
+            lines.append(f"{place}: equal ({len(equal)} fields, artifact "
+                         f"{shown(place_rows[0].a)})")
+            continue
+        lines.append(f"{place}:")
+        lines += [f"  {r.field:<{width}}  {shown(r.a):<{a_width}} | {shown(r.b)}"
+                  for r in place_rows if not r.equal]
+        if equal:
+            lines.append(f"  equal: {', '.join(equal)}")
     return "\n".join(lines)
 
 

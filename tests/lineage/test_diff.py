@@ -25,11 +25,20 @@ def test_one_changed_param_is_the_only_param_that_differs(local_chain, tmp_path)
             ("text", "code_revision"), ("text/text", "artifact")} <= equal
 
 
-def test_identical_lineage_and_the_cli_formats(local_chain, capsys, monkeypatch):
+def test_identical_lineage_and_the_cli_formats(local_chain, tmp_path, capsys, monkeypatch):
     where = ["--store", str(local_chain.store.backend.root)]
     code, out, _ = tailwise(capsys, monkeypatch, "lineage", "diff", local_chain.count,
                             local_chain.count, *where)
-    assert code == 0 and out.rstrip().endswith("identical lineage")
+    assert code == 0 and out.splitlines()[0].endswith(": identical lineage")
+    assert all(line.endswith(")") and ": equal (" in line for line in out.splitlines()[1:])
+    other = make_chain(local_chain.store, tmp_path, times=3)
+    code, out, _ = tailwise(capsys, monkeypatch, "lineage", "diff", local_chain.count,
+                            other.count, *where)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].endswith(": 4 fields differ at 2 of 3 places")
+    text = lines.index("text:")
+    assert lines[text + 2].split() == ["params.times", "2", "|", "3"]
+    assert lines[text + 3].startswith("  equal: kind, step, step_version")
     code, out, _ = tailwise(capsys, monkeypatch, "lineage", "diff", local_chain.count,
                             local_chain.loud, *where, "--format", "json")
     report = json.loads(out)
