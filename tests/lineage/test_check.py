@@ -170,3 +170,20 @@ def test_the_progress_bar_counts_artifacts_and_moves_within_a_large_one(local_ch
         progress.advance(progress.size // 4)
         assert progress.bar.tasks[0].completed == pytest.approx(0.25, abs=0.01)
     assert progress.bar.tasks[0].completed == pytest.approx(1)
+
+
+def test_an_ambiguous_prefix_is_a_one_line_error_naming_the_candidates(tmp_path, capsys,
+                                                                       monkeypatch):
+    manifests = synthetic_manifests(1000)
+    write_manifests(tmp_path / "store", manifests)
+    by_prefix = {}
+    for m in manifests:
+        by_prefix.setdefault(m.digest[:4], []).append(m.digest)
+    prefix, digests = next((p, ds) for p, ds in sorted(by_prefix.items()) if len(ds) > 1)
+    monkeypatch.setenv("TAILWISE_CACHE_DIR", str(tmp_path / "cache"))
+    for command in (["check", prefix], ["show", prefix], ["diff", prefix, digests[0]],
+                    ["find", "--produced-from", prefix]):
+        code, _, err = tailwise(capsys, monkeypatch, "lineage", *command,
+                                "--store", str(tmp_path / "store"))
+        assert code == 2 and f"{prefix!r} is ambiguous" in err, (command, err)
+        assert all(d[:12] in err for d in digests) and len(err.strip().splitlines()) == 1
