@@ -25,6 +25,7 @@ from steps.core.lineage import (
     render,
     upstream,
 )
+from steps.core.lineage_check import CACHE_ENTRY
 from steps.core.lineage_diff import flat
 from steps.core.store import digest_from_ref, open_store
 
@@ -118,7 +119,7 @@ class CheckReport:
 
     def add(self, finding) -> None:
         self.problems += not finding.ok
-        self.cache_entries += finding.file.startswith("cache/")
+        self.cache_entries += finding.about == CACHE_ENTRY
         if self.fmt == "json":
             separator = "," if self.written else ""
             sys.stdout.write(f"{separator}\n    {json.dumps(finding.to_json())}")
@@ -260,6 +261,9 @@ def find(
                                         if len(matches) < total else ""))
 
 
+UNSET = (None, False, "", [], {})
+
+
 def key_params(matches: list, asked: list[str]) -> dict[str | None, list[str]]:
     """For each step, the params worth showing: those asked for, then those whose values tell
     its matches apart (nested keys dotted) or, when none does, those set to something."""
@@ -273,9 +277,6 @@ def key_params(matches: list, asked: list[str]) -> dict[str | None, list[str]]:
         telling = differ or [k for k in keys if any(row.get(k) not in UNSET for row in rows)]
         shown[step] = [k for k in asked if k in keys] + [k for k in telling if k not in asked]
     return shown
-
-
-UNSET = (None, False, "", [], {})
 
 
 @lineage_app.command()

@@ -28,6 +28,7 @@ from steps.core.store import (
 )
 
 OK, MISSING, DIFFERS, INCONSISTENT = "ok", "missing", "content differs", "manifest inconsistent"
+CACHE_ENTRY = "cache entry"
 # Objects shared by several artifacts (a tokenizer file in every pruned model) are hashed once
 # while they stay among this many most recently hashed.
 REMEMBERED_OBJECTS = 10_000
@@ -41,6 +42,7 @@ class Finding:
     digest: str
     file: str
     detail: str = ""
+    about: str = "artifact"  # or "cache entry"
 
     @property
     def ok(self) -> bool:
@@ -51,8 +53,8 @@ class Finding:
         return f"{text}: {self.detail}" if self.detail else text
 
     def to_json(self) -> dict[str, str]:
-        return {"status": self.status, "digest": self.digest, "file": self.file,
-                "detail": self.detail}
+        return {"status": self.status, "about": self.about, "digest": self.digest,
+                "file": self.file, "detail": self.detail}
 
 
 @dataclass
@@ -110,13 +112,15 @@ def downstream_digests(store: ArtifactStore, root: str) -> list[str]:
     for digest in store.digests():
         for parent in inputs_of(load(store, digest)):
             consumers.setdefault(parent, []).append(digest)
-    found, queue = {root: None}, deque([root])
+    found, queue = [root], deque([root])
+    seen = {root}
     while queue:
         for product in consumers.get(queue.popleft(), []):
-            if product not in found:
-                found[product] = None
+            if product not in seen:
+                seen.add(product)
+                found.append(product)
                 queue.append(product)
-    return list(found)
+    return found
 
 
 @dataclass
@@ -197,13 +201,16 @@ class Checker:
             entry = json.loads(self.store.backend.get_bytes(where))
             outputs = dict(entry["outputs"])
         except (ValueError, KeyError, TypeError) as exc:
-            return [Finding(INCONSISTENT, key, where, f"not a cache entry ({type(exc).__name__})")]
+            return [Finding(INCONSISTENT, key, where, f"not a cache entry ({type(exc).__name__})",
+                            CACHE_ENTRY)]
         missing = [f"{name} {digest[:12]}" for name, digest in sorted(outputs.items())
                    if not isinstance(digest, str)
                    or not self.store.backend.exists(manifest_key(digest))]
         if missing:
-            return [Finding(MISSING, key, where, f"points at no artifact: {', '.join(missing)}")]
-        return [Finding(OK, key, where, f"cache entry of step {entry.get('step', '?')}")]
+            return [Finding(MISSING, key, where, f"points at no artifact: {', '.join(missing)}",
+                            CACHE_ENTRY)]
+        return [Finding(OK, key, where, f"cache entry of step {entry.get('step', '?')}",
+                        CACHE_ENTRY)]
 
 
 def _summary(m: Manifest) -> str:
@@ -245,7 +252,7 @@ def check(store: ArtifactStore, what: Scope,
             on_artifact(item)
         yield from checker.artifact(item)
         made = item.manifest.produced_by if item.manifest else None
-        if made is not None and made.cache_key:
+        if what.cache is None and made is not None and made.cache_key:
             made_by.add(made.cache_key)
     cache = what.cache if what.cache is not None else sorted(
         k for k in made_by if store.backend.exists(f"cache/{k}.json"))
