@@ -13,7 +13,8 @@
    `tailwise lineage find` command (with Python's start-up) once. Target: < 1 s warm.
 3. check at scale: the whole `tailwise lineage check --all` command over 1,000 and over all
    `--manifests` of those manifests (no content, so every artifact is a `missing` finding):
-   seconds and peak resident memory, which stays flat as the manifests grow (streamed).
+   seconds and peak resident memory (no manifest or finding is kept: what grows is the
+   store's listing of names).
 """
 
 from __future__ import annotations
