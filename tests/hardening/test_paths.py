@@ -18,7 +18,14 @@ from safetensors.torch import save_file
 from steps.core.backends import LocalBackend, backend_from_url, check_key
 from steps.core.errors import ArtifactNotFound, StoreError
 from steps.core.lineage import downstream, upstream
-from steps.core.store import ArtifactStore, FileEntry, Manifest, manifest_key, tree_digest
+from steps.core.store import (
+    ArtifactStore,
+    FileEntry,
+    Manifest,
+    manifest_key,
+    object_key,
+    tree_digest,
+)
 from steps.core.weights import WeightsError, list_weight_matrices
 
 BAD_KEYS = [
@@ -236,3 +243,20 @@ def test_index_shard_in_a_subfolder_is_read(tmp_path: Path) -> None:
     (tmp_path / "model" / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"fc.weight": "shards/a.safetensors"}}))
     assert [i.name for i in list_weight_matrices(tmp_path / "model")] == ["fc"]
+
+
+def test_a_link_deep_in_a_local_store_is_followed_only_while_it_stays_inside(tmp_path: Path):
+    store = ArtifactStore(LocalBackend(tmp_path / "store"))
+    (tmp_path / "a.txt").write_text("a")
+    digest = store.put(tmp_path / "a.txt", "text").digest
+    shard = store.local_path(digest).parent  # objects/sha256/<2 hex>
+    moved = store.backend.root / "moved-shard"
+    shard.rename(moved)
+    shard.symlink_to(moved, target_is_directory=True)  # inside the store: followed
+    assert store.backend.get_bytes(object_key(digest)) == b"a"
+    outside = tmp_path / "outside"
+    moved.rename(outside)
+    shard.unlink()
+    shard.symlink_to(outside, target_is_directory=True)  # out of the store: refused
+    with pytest.raises(StoreError, match="resolves outside the store"):
+        store.backend.get_bytes(object_key(digest))
