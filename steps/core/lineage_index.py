@@ -123,12 +123,18 @@ class LineageIndex:
 
     def _read(self, digests: list[str]) -> Iterator[Manifest]:
         # On S3 each manifest is a request: reads overlap on threads. A local disk gains
-        # nothing from threads (the parsing holds the GIL anyway).
-        remote = self.store.local_path(digests[0] if digests else "0" * 64) is None
-        with ThreadPoolExecutor(READERS if remote else 1) as pool:
-            raws = pool.map(lambda d: self.store.backend.get_bytes(manifest_key(d)), digests)
-            for digest, raw in zip(digests, raws, strict=True):
+        # nothing from threads (the parsing holds the GIL anyway), and handing each read to
+        # a thread and back costs more than the read itself.
+        if self.store.local_path("0" * 64) is not None:
+            for digest in digests:
+                yield self.store.parse_manifest(digest, self._raw(digest))
+            return
+        with ThreadPoolExecutor(READERS) as pool:
+            for digest, raw in zip(digests, pool.map(self._raw, digests), strict=True):
                 yield self.store.parse_manifest(digest, raw)
+
+    def _raw(self, digest: str) -> bytes:
+        return self.store.backend.get_bytes(manifest_key(digest))
 
     def _add(self, manifests: Iterable[Manifest]) -> None:
         artifacts, params, inputs = [], [], []
