@@ -112,8 +112,8 @@ class LocalBackend:
             current = f"{current}/{name}"
             try:
                 mode = os.lstat(current).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                return False  # nothing below exists to lead anywhere
+            except OSError:
+                return False  # nothing below exists (or can be reached) to lead anywhere
             if stat.S_ISLNK(mode):
                 return True
         return False
