@@ -38,11 +38,11 @@ demo: install
 	$(BIN)/tailwise demo
 
 test: install
-	$(BIN)/ruff check steps flows tests bench tailwise_dev
+	$(BIN)/ruff check steps flows tailwise_cli tests bench tailwise_dev
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check steps flows tests bench tailwise_dev
+	$(BIN)/ruff check steps flows tailwise_cli tests bench tailwise_dev
 
 bench: install
 	$(BIN)/python bench/store.py

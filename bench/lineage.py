@@ -102,7 +102,7 @@ def bench_find(workdir: Path, count: int) -> None:
 
         print(f"find {text}: {best_of(3, warm_query):.3f} s warm (refresh + query, "
               f"{count} manifests; target < 1 s)")
-    command = [sys.executable, "-m", "steps.cli", "lineage", "find", "--step", "prune",
+    command = [sys.executable, "-m", "tailwise_cli", "lineage", "find", "--step", "prune",
                "--param", "sparsity=0.7", "--store", str(root)]
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
@@ -114,7 +114,7 @@ def bench_find(workdir: Path, count: int) -> None:
 # The command's own peak (VmHWM): getrusage's maxrss would carry the parent's over exec.
 PEAK_RSS = """
 import re, sys
-from steps.cli import main
+from tailwise_cli import main
 try:
     main()
 except SystemExit:

@@ -1,8 +1,10 @@
 """Step folders meet only through artifacts and steps/core: no step imports another step.
 
-Every .py file under steps/<a>/ (a step folder: not core, not cli) is parsed, and each
+Every .py file under steps/<a>/ (a step folder: any but core) is parsed, and each
 ``import steps.<b>...`` / ``from steps.<b>... import`` / ``from steps import <b>`` naming
-another step folder b (or steps/cli) is a finding. steps/cli may import anything.
+another step folder b is a finding. The command layers that compose steps (flows/ and the
+`tailwise` command line, tailwise_cli/) live outside steps/, and no step code imports them
+or the local services (tailwise_dev/).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import ast
 from pathlib import Path
 
 STEPS = Path(__file__).resolve().parents[1] / "steps"
-NOT_STEPS = {"core", "cli"}
+NOT_STEPS = {"core"}
 
 
 def step_folders() -> list[str]:
@@ -55,16 +57,18 @@ def test_no_step_folder_imports_another():
                           "to steps/core):\n" + "\n".join(findings))
 
 
-def test_no_step_code_imports_the_local_services():
-    """tailwise_dev (S3 / MLflow / Prefect processes for tests and `make up`) is not step code."""
+def test_no_step_code_imports_the_command_layers_or_the_local_services():
+    """tailwise_dev (S3 / MLflow / Prefect processes for tests and `make up`), the CLI and the
+    flows are not step code: they use steps, never the other way round."""
     users = []
     for path in sorted(STEPS.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            if any(n.split(".")[0] == "tailwise_dev" for n in names):
-                users.append(f"{path.relative_to(STEPS.parent)}:{node.lineno}")
-    assert not users, f"step code imports tailwise_dev: {', '.join(users)}"
+            used = [n for n in names if n.split(".")[0] in ("tailwise_dev", "tailwise_cli",
+                                                            "flows")]
+            users += [f"{path.relative_to(STEPS.parent)}:{node.lineno} {n}" for n in used]
+    assert not users, f"step code imports a command layer: {', '.join(users)}"
 
 
 def test_the_check_sees_a_cross_import():

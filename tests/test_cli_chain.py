@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 from cli_workspace import tiny_llama_workspace
 
-from steps.cli import main
 from steps.core.factory import build_model, save_hf
 from steps.core.registry import load_step
 from steps.core.step import cache_key
+from tailwise_cli import main
 
 
 @dataclass
@@ -217,8 +217,8 @@ def test_store_put_checks_the_kind_and_that_a_model_has_weights(chain):
 
 
 def test_wide_tables_keep_the_distinctive_tail_of_names(monkeypatch):
-    from steps.cli.app import console
-    from steps.cli.tables import print_layer_table
+    from tailwise_cli.app import console
+    from tailwise_cli.tables import print_layer_table
 
     names = [f"bert.encoder.layer.{i // 6}.attention.output.dense" for i in range(211)]
     rows = [(name, f"{i}", "768 x 768", f"{2 + i / 100:.3f}", "under-trained")

@@ -14,7 +14,7 @@ from cli_workspace import tiny_llama_workspace
 
 
 def tailwise(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steps.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tailwise_cli", *args], capture_output=True,
                           text=True, timeout=600, env=os.environ | env)
 
 

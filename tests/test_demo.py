@@ -14,7 +14,7 @@ import pytest
 
 from tailwise_dev.services import free_port
 
-TAILWISE = [sys.executable, "-m", "steps.cli"]
+TAILWISE = [sys.executable, "-m", "tailwise_cli"]
 
 
 def tailwise(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:

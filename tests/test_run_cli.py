@@ -16,14 +16,14 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.registry import FLOWS, lookup
-from steps.cli import app
-from steps.cli.run import assignments, merge, read_params_file
 from steps.core.errors import ParamsError
 from steps.core.factory import build_model, save_hf
 from steps.core.store import open_store
 from steps.diagnose.regimes import REGIMES
+from tailwise_cli import app
+from tailwise_cli.run import assignments, merge, read_params_file
 
-TAILWISE = [sys.executable, "-m", "steps.cli"]
+TAILWISE = [sys.executable, "-m", "tailwise_cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

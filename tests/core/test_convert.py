@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from steps.cli import app
 from steps.core.convert import ConvertError, convert_checkpoint
 from steps.core.factory import build_model, load_model
 from steps.core.weights import WeightsError, open_weights
 from steps.spectral import analyze
+from tailwise_cli import app
 
 
 def alphas(source) -> dict[str, float]:
@@ -116,8 +116,9 @@ def test_cli_refusal_is_one_line_exit_2_and_writes_nothing(tmp_path):
     from pathlib import Path
 
     torch.save({"x": Planted(str(tmp_path / "ran"))}, tmp_path / "evil.pt")
-    done = subprocess.run([sys.executable, "-m", "steps.cli", "convert", str(tmp_path / "evil.pt"),
-                           "--output", str(tmp_path / "out")], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "tailwise_cli", "convert",
+                           str(tmp_path / "evil.pt"), "--output", str(tmp_path / "out")],
+                          capture_output=True, text=True,
                           timeout=300, env=os.environ | {
                               "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert done.returncode == 2

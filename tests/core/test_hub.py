@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from flows.common import FlowRun, RunSettings, model_digest
-from steps.cli.app import input_ref
 from steps.core.hub import HubError, hub_offline, parse_hub_id, resolve_hub_model
 from steps.core.lineage import to_text, upstream
 from steps.core.pretrained import minilm_dir
 from steps.core.store import open_store
 from steps.core.tracking import NullTracker
 from steps.spectral import analyze
+from tailwise_cli.app import input_ref
 from tailwise_dev.services import free_port
 
 REPO_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -167,7 +167,7 @@ def test_cli_uncached_hub_id_is_one_line_exit_2(tmp_path):
                         "TAILWISE_STORE": str(tmp_path / "store")}
     env.pop("HF_HUB_CACHE", None)
     env.pop("HF_HUB_OFFLINE", None)  # tailwise's default: offline
-    done = subprocess.run([sys.executable, "-m", "steps.cli", "spectral", "someone/not-cached"],
+    done = subprocess.run([sys.executable, "-m", "tailwise_cli", "spectral", "someone/not-cached"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr

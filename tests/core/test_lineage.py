@@ -98,7 +98,7 @@ def test_html_format_draws_every_node_and_edge(chain):
 
 def test_cache_cli_lists_and_evicts(chain):
     store, text, loud, count = chain
-    cli = [sys.executable, "-m", "steps.cli", "cache"]
+    cli = [sys.executable, "-m", "tailwise_cli", "cache"]
     where = ["--store", store.url[len("file://"):]]
     listed = subprocess.run(cli + ["ls", *where], capture_output=True, text=True)
     assert listed.returncode == 0 and "shout" in listed.stdout and "count" in listed.stdout
@@ -111,7 +111,7 @@ def test_cache_cli_lists_and_evicts(chain):
 
 def test_lineage_cli(chain, tmp_path):
     store, text, loud, count = chain
-    cli = [sys.executable, "-m", "steps.cli", "lineage", "--store", store.url[len("file://"):]]
+    cli = [sys.executable, "-m", "tailwise_cli", "lineage", "--store", store.url[len("file://"):]]
     for fmt in ("text", "json", "dot", "mermaid", "html"):
         done = subprocess.run(cli + [count[:12], "--format", fmt], capture_output=True,
                               text=True, timeout=60)

@@ -234,7 +234,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(models, store, tmp_path, 
 def test_cli_prints_the_diagnosis_and_its_path(models, tmp_path):
     from typer.testing import CliRunner
 
-    from steps.cli import app
+    from tailwise_cli import app
 
     tree = tmp_path / "tree.json"
     tree.write_text(MDTree("bs_failure", (0.5, -10.0, 3.0)).to_json())

@@ -97,7 +97,7 @@ def test_a_task_dir_without_the_named_task_is_one_line(tmp_path) -> None:
 
 
 def tailwise(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "steps.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tailwise_cli", *args], capture_output=True,
                           text=True, timeout=600, env=os.environ | env)
 
 

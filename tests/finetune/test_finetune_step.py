@@ -233,7 +233,7 @@ def test_cli_help_and_small_run(tiny, tmp_path):
     env = os.environ | {"TAILWISE_STORE": str(tmp_path / "store"),
                         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
                         "TAILWISE_CHECKPOINT_DIR": str(tmp_path / "ck")}
-    cli = [sys.executable, "-m", "steps.cli", "finetune"]
+    cli = [sys.executable, "-m", "tailwise_cli", "finetune"]
     helped = subprocess.run([*cli, "--help"], capture_output=True, text=True, env=env)
     assert helped.returncode == 0 and "--tempbalance" in helped.stdout
     assert "--schedule" in helped.stdout and "--warmup" in helped.stdout

@@ -1,11 +1,11 @@
 """`tailwise ...` run in this process (no interpreter start per call): exit code, stdout,
-stderr, exactly as `steps.cli.main` ends a command."""
+stderr, exactly as `tailwise_cli.main` ends a command."""
 
 from __future__ import annotations
 
 import sys
 
-from steps.cli import main
+from tailwise_cli import main
 
 
 def tailwise(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:

@@ -11,9 +11,9 @@ import pytest
 from cli import tailwise
 from rich.console import Console
 
-from steps.cli.lineage import CheckProgress
 from steps.core.lineage_check import DIFFERS, INCONSISTENT, MISSING, Loaded, check, scope
 from steps.core.store import manifest_key, object_key, open_store
+from tailwise_cli.lineage import CheckProgress
 from tailwise_dev.synthetic_lineage import synthetic_manifests, write_manifests
 
 

@@ -8,10 +8,10 @@ import json
 import pytest
 from cli import tailwise
 
-from steps.cli.lineage import key_params
 from steps.core.errors import ArtifactNotFound
 from steps.core.lineage_index import LineageIndex, Match, Query, since_timestamp
 from steps.core.store import open_store
+from tailwise_cli.lineage import key_params
 from tailwise_dev.synthetic_lineage import synthetic_manifests, write_manifests
 
 COUNT = 10_000

@@ -95,8 +95,9 @@ def test_cli_base_of_another_architecture_exit_2_nothing_written(fine_tunes, tmp
 
     gpt2 = save_hf(build_model("tiny-gpt2", seed=0), None, tmp_path / "gpt2")
     store = tmp_path / "store"
-    done = subprocess.run([sys.executable, "-m", "steps.cli", "spectral", str(fine_tunes["full"]),
-                           "--base", str(gpt2)], capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, "-m", "tailwise_cli", "spectral",
+                           str(fine_tunes["full"]), "--base", str(gpt2)],
+                          capture_output=True, text=True, timeout=600,
                           env=os.environ | {"TAILWISE_STORE": str(store)})
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

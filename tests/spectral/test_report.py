@@ -14,12 +14,12 @@ import torch
 from spectral_helpers import mlp
 from typer.testing import CliRunner
 
-from steps.cli import app
 from steps.core.step import run_step
 from steps.core.store import open_store
 from steps.spectral import analyze
 from steps.spectral.report import ESD_BINS, fitted_tail, render_report
 from steps.spectral.step import STEP as SPECTRAL
+from tailwise_cli import app
 
 
 def linears(count: int, seed: int = 0) -> torch.nn.Module:

@@ -10,8 +10,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from steps.cli import main
 from steps.core.factory import build_model, byte_tokenizer, save_hf
+from tailwise_cli import main
 
 
 @pytest.fixture(scope="module")

@@ -120,7 +120,8 @@ def final_evaluation(manifests: list[dict]) -> dict:
 
 def lineage(stack, digest: str, fmt: str) -> str:
     """`tailwise lineage DIGEST --format FMT` against the stack's S3 store."""
-    done = subprocess.run([sys.executable, "-m", "steps.cli", "lineage", digest, "--format", fmt],
+    done = subprocess.run([sys.executable, "-m", "tailwise_cli", "lineage", digest,
+                           "--format", fmt],
                           env=os.environ | stack.client_env(), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr

@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from steps.cli.app import StoreOption, app, console, input_ref, key_values, run_and_report
 from steps.core.store import open_store
+from tailwise_cli.app import StoreOption, app, console, input_ref, key_values, run_and_report
 
 BUILT_IN_MODELS = ("tiny-gpt2", "tiny-llama", "minilm", "smollm2")
 BUILT_IN_DATA = ("fortunes", "kjv-testament")

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from steps.cli.app import (
+from steps.core.store import open_store
+from tailwise_cli.app import (
     StoreOption,
     app,
     console,
@@ -16,8 +17,7 @@ from steps.cli.app import (
     read_output,
     run_and_report,
 )
-from steps.cli.tables import finite_or_lowest, print_layer_table
-from steps.core.store import open_store
+from tailwise_cli.tables import finite_or_lowest, print_layer_table
 
 
 @app.command()

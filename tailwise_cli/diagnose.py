@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from steps.cli.app import StoreOption, app, console, input_ref, read_output, run_and_report
 from steps.core.store import open_store
+from tailwise_cli.app import StoreOption, app, console, input_ref, read_output, run_and_report
 
 
 @app.command()

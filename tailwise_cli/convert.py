@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from steps.cli.app import app, console
+from tailwise_cli.app import app, console
 
 
 @app.command()

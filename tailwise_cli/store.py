@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from steps.cli.app import SOURCE_KINDS, StoreOption, cache_app, console, put_source, store_app
 from steps.core.errors import TailwiseError
 from steps.core.store import open_store
+from tailwise_cli.app import SOURCE_KINDS, StoreOption, cache_app, console, put_source, store_app
 
 
 @store_app.command("ls")

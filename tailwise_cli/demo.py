@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from steps.cli.app import StoreOption, app, run_and_report
-from steps.cli.run import assignments, merge, prefect_defaults, run_flow
+from tailwise_cli.app import StoreOption, app, run_and_report
+from tailwise_cli.run import assignments, merge, prefect_defaults, run_flow
 
 # The mission on a 2-core CPU in a few minutes: Wanda at 70 % on SmolLM2-135M. Calibration
 # and evaluation are far smaller than the papers' (128 x 2048 tokens), so the numbers are

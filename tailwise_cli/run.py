@@ -22,8 +22,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from steps.cli.app import app, console, print_table
 from steps.core.errors import ParamsError, TailwiseError, one_line
+from tailwise_cli.app import app, console, print_table
 
 DIGEST = re.compile(r"[0-9a-f]{64}")
 NONE_WORDS = ("null", "none", "~")

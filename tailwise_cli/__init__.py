@@ -6,7 +6,9 @@ import os
 import sys
 import traceback
 
-from steps.cli import (  # noqa: F401  (each module registers its commands on `app`)
+from steps.core.errors import TailwiseError
+from steps.core.offline import OFFLINE_ENV
+from tailwise_cli import (  # noqa: F401  (each module registers its commands on `app`)
     allocate,
     convert,
     demo,
@@ -20,9 +22,7 @@ from steps.cli import (  # noqa: F401  (each module registers its commands on `a
     spectral,
     store,
 )
-from steps.cli.app import app
-from steps.core.errors import TailwiseError
-from steps.core.offline import OFFLINE_ENV
+from tailwise_cli.app import app
 
 __all__ = ["app", "main"]
 

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from steps.cli.app import StoreOption, app, input_ref, run_and_report, validate_request
 from steps.core.store import open_store
+from tailwise_cli.app import StoreOption, app, input_ref, run_and_report, validate_request
 
 
 @app.command()

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from rich import box
 from rich.table import Table
 
-from steps.cli.app import console
+from tailwise_cli.app import console
 
 ELLIPSIS = "…"
 NAME_WIDTH_WANTED = 30  # enough for `…layers.11.self_attn.q_proj`

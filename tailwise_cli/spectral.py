@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from steps.cli.app import StoreOption, app, console, input_ref, read_output, run_and_report
-from steps.cli.tables import finite_or_lowest, print_layer_table
 from steps.core.registry import load_step
 from steps.core.store import open_store
+from tailwise_cli.app import StoreOption, app, console, input_ref, read_output, run_and_report
+from tailwise_cli.tables import finite_or_lowest, print_layer_table
 
 
 @app.command()

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from steps.cli.app import REF_PATTERN, StoreOption, app, console, input_ref, run_and_report
 from steps.core.errors import TailwiseError, one_line
 from steps.core.store import ArtifactStore, open_store
+from tailwise_cli.app import REF_PATTERN, StoreOption, app, console, input_ref, run_and_report
 
 
 @app.command()

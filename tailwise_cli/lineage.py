@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from steps.cli.app import StoreOption, app, console, key_values, print_table
 from steps.core.errors import TailwiseError
 from steps.core.lineage import (
     FORMATS,
@@ -28,6 +27,7 @@ from steps.core.lineage import (
 from steps.core.lineage_check import CACHE_ENTRY
 from steps.core.lineage_diff import flat
 from steps.core.store import digest_from_ref, open_store
+from tailwise_cli.app import StoreOption, app, console, key_values, print_table
 
 
 class RefOrCommand(TyperGroup):

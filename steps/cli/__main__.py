@@ -1,3 +1,0 @@
-from steps.cli import main
-
-main()

@@ -1,0 +1,3 @@
+from tailwise_cli import main
+
+main()
