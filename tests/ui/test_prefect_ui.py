@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import expect, sync_playwright
 
 from tailwise_dev.services import s3_client
 
@@ -58,25 +60,57 @@ def deployment_runs(api_url: str, name: str) -> set[str]:
     return {run["id"] for run in runs}
 
 
-def wait_for_new_run(api_url: str, name: str, before: set[str]) -> str:
-    """Poll the API until the deployment has a run that was not there `before`."""
-    deadline = time.monotonic() + 120
-    while not (new := deployment_runs(api_url, name) - before):
-        assert time.monotonic() < deadline, f"no new run of {name} appeared"
-        time.sleep(1)  # poll interval, not a synchronisation
-    assert len(new) == 1, new
-    return new.pop()
-
-
 DEPLOYMENT = "alpha_prune/alpha_prune"
 STEPS = {"build_model", "build_text", "spectral", "allocate", "prune", "evaluate"}
+# The server's SQLite waits up to 60 s on a locked table (its busy_timeout), so the UI's
+# create request is given longer than that before the test calls it lost.
+SUBMIT_TIMEOUT_MS = 150_000
 
 
-def trigger_custom_run(page, ui_url: str, api_url: str, sparsity: float) -> str:
-    """Find the `alpha_prune` deployment, set `sparsity` in the custom-run form; return the
-    new run's id."""
-    before = deployment_runs(api_url, DEPLOYMENT)
-    page.goto(f"{ui_url}/deployments")
+def is_create_flow_run(response) -> bool:
+    return (response.request.method == "POST"
+            and urlparse(response.url).path.endswith("/create_flow_run"))
+
+
+class ApiTrace:
+    """What the page asked the API and the browser logged, for a failure message."""
+
+    def __init__(self, page) -> None:
+        self.responses: list = []
+        self.console: list[str] = []
+        page.on("response", lambda response: self.responses.append(response))
+        page.on("console", lambda msg: msg.type == "error" and self.console.append(msg.text))
+
+    def lines(self) -> list[str]:
+        """Failed API calls and parameter validations, then the browser's console errors."""
+        told = [r for r in self.responses
+                if r.status >= 400 or urlparse(r.url).path.endswith("/schemas/validate")]
+        return [*map(describe, told), *(f"console error: {text}" for text in self.console)]
+
+
+def describe(response) -> str:
+    try:
+        body = response.text()[:500]
+    except Exception as exc:  # the body is gone once the page has moved on
+        body = f"(body unavailable: {exc})"
+    return f"{response.request.method} {urlparse(response.url).path} -> {response.status}: {body}"
+
+
+def submit_not_taken(page, trace: ApiTrace, log: Path) -> str:
+    """Why a submitted form made no flow run: form errors, toasts, API replies, server log."""
+    shown = page.locator(".p-message, .p-toast, [class*=error]").all_inner_texts()
+    server_log = log.read_text(errors="replace").splitlines()[-40:] if log.exists() else []
+    return "\n".join(["the UI sent no create_flow_run after Submit",
+                      "shown: " + " | ".join(t.strip() for t in shown if t.strip()),
+                      *trace.lines(), f"last lines of {log}:", *server_log])
+
+
+def trigger_custom_run(page, stack, sparsity: float) -> str:
+    """Find the `alpha_prune` deployment, set `sparsity` in the custom-run form, submit it;
+    return the id of the run the UI created."""
+    trace = ApiTrace(page)
+    before = deployment_runs(stack.prefect_api_url, DEPLOYMENT)
+    page.goto(f"{stack.prefect_ui_url}/deployments")
     page.locator("a[href^='/deployments/deployment/']", has_text="alpha_prune").first.click()
     page.wait_for_url("**/deployments/deployment/*")
     page.get_by_role("button", name="Run", exact=True).click()
@@ -87,11 +121,17 @@ def trigger_custom_run(page, ui_url: str, api_url: str, sparsity: float) -> str:
     field.locator("input[type=number]").fill(str(sparsity))
     field.locator("input[type=number]").press("Tab")  # commit the value before submitting
     page.wait_for_load_state("networkidle")
-    page.get_by_role("button", name="Submit", exact=True).click()
-    # A submitted form leaves the run page; one that was not accepted stays on it.
-    page.wait_for_url(lambda url: not urlparse(url).path.rstrip("/").endswith("/run"))
-    flow_run_id = wait_for_new_run(api_url, DEPLOYMENT, before)
-    page.goto(f"{ui_url}/runs/flow-run/{flow_run_id}")
+    try:
+        with page.expect_response(is_create_flow_run, timeout=SUBMIT_TIMEOUT_MS) as created:
+            page.get_by_role("button", name="Submit", exact=True).click()
+    except PlaywrightTimeout:
+        raise AssertionError(submit_not_taken(page, trace, stack.log("prefect"))) from None
+    response = created.value
+    assert response.ok, f"create_flow_run -> {response.status}: {response.text()}\n" + \
+        "\n".join(trace.lines())
+    flow_run_id = response.json()["id"]
+    assert deployment_runs(stack.prefect_api_url, DEPLOYMENT) - before == {flow_run_id}
+    page.goto(f"{stack.prefect_ui_url}/runs/flow-run/{flow_run_id}")
     return flow_run_id
 
 
@@ -129,8 +169,6 @@ def lineage(stack, digest: str, fmt: str) -> str:
 
 
 def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
-
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
                                              headless=True)
@@ -138,8 +176,7 @@ def test_custom_run_from_the_prefect_ui_is_stored_tracked_and_auditable(stack, t
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(60_000)
             try:
-                flow_run_id = trigger_custom_run(page, stack.prefect_ui_url,
-                                                 stack.prefect_api_url, sparsity=0.6)
+                flow_run_id = trigger_custom_run(page, stack, sparsity=0.6)
             except Exception:
                 save_screenshot(page, tmp_path / "prefect-ui-failed-trigger.png")
                 raise
