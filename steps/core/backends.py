@@ -207,6 +207,8 @@ class S3Backend:
     Large files go up as multipart uploads, which S3 makes visible only on completion.
     """
 
+    list_page_size = 1000  # keys per listing request (S3's most)
+
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -338,12 +340,14 @@ class S3Backend:
         yield from response["Body"].iter_chunks(CHUNK)
 
     def list(self, prefix: str) -> Iterator[str]:
+        """The keys under `prefix`, a page at a time: a store of any size lists in the
+        memory of one page."""
         paginator = self.client.get_paginator("list_objects_v2")
         full = self._key(prefix.rstrip("/")) + "/"
         strip = len(self.prefix) + 1 if self.prefix else 0
-        pages = self._call("listing", prefix, lambda: list(
-            paginator.paginate(Bucket=self.bucket, Prefix=full)))
-        for page in pages:
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=full,
+                                        PaginationConfig={"PageSize": self.list_page_size}))
+        while (page := self._call("listing", prefix, next, pages, None)) is not None:
             for item in page.get("Contents", []):
                 yield item["Key"][strip:]
 

@@ -85,6 +85,22 @@ def test_list_and_kind_filter(store, tmp_path):
     assert [m.kind for m in store.list("model")] == ["model"]
 
 
+def test_s3_listing_asks_for_a_page_only_when_the_last_is_used(s3_moto, monkeypatch):
+    for key, value in s3_moto.env().items():
+        monkeypatch.setenv(key, value)
+    backend = S3Backend(s3_moto.bucket, uuid.uuid4().hex)
+    backend.list_page_size = 2
+    keys = [f"manifests/{i:02d}.json" for i in range(5)]
+    for key in keys:
+        backend.put_bytes(key, b"{}")
+    requests = []
+    backend.client.meta.events.register("before-call.s3.ListObjectsV2",
+                                        lambda **kwargs: requests.append(1))
+    listing = backend.list("manifests")
+    assert next(listing) == keys[0] and len(requests) == 1
+    assert [keys[0], *listing] == keys and len(requests) == 3
+
+
 def test_unknown_and_ambiguous_refs(store, tmp_path):
     with pytest.raises(ArtifactNotFound, match="no artifact"):
         store.stat("0" * 64)
