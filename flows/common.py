@@ -131,7 +131,7 @@ class Ran:
 class FlowRun:
     """A running flow: its store, tracker, parent MLflow run and how steps are run."""
 
-    name: str
+    name: str  # the Prefect flow's: its steps' manifests and OpenLineage runs name it
     store: ArtifactStore
     tracker: NullTracker
     parent_run_id: str | None
@@ -182,7 +182,7 @@ class FlowRun:
         return self.store.resolve(ref)
 
     def dispatch(self) -> Dispatch:
-        return Dispatch(self.store, self.tracker, self.parent_run_id, self.flow_run_id)
+        return Dispatch(self.store, self.tracker, self.parent_run_id, self.flow_run_id, self.name)
 
     def __getstate__(self) -> dict[str, Any]:
         # What a Dask worker gets: clients (boto3, MLflow) and the task runner stay here;
@@ -311,8 +311,9 @@ def flow_run_context(name: str, settings: RunSettings,
     with tracker.flow_run(name, params, run_id) as parent, \
             tempfile.TemporaryDirectory(prefix=f"tailwise-{name}-") as scratch, \
             ExitStack() as resources:
-        run = FlowRun(name, store, tracker, parent.run_id, run_id, settings, Path(scratch),
-                      resources, stale=stale, lineage=Emitter.from_environment())
+        run = FlowRun(flow_run.get_flow_name() or name, store, tracker, parent.run_id, run_id,
+                      settings, Path(scratch), resources, stale=stale,
+                      lineage=Emitter.from_environment())
         yield run
         if run.outputs and parent.run_id is not None:
             page = Path(scratch) / "lineage.html"

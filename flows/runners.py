@@ -44,6 +44,7 @@ class Dispatch:
     tracker: NullTracker
     parent_run_id: str | None
     flow_run_id: str | None
+    flow_name: str | None = None
 
     def request(self, params: BaseModel, inputs: dict[str, str]) -> StepRequest:
         # The flow already looked in the cache; the step must compute.
@@ -51,7 +52,8 @@ class Dispatch:
                            store=self.store.url, tracking=self.tracker.tracking_uri is not None,
                            tracking_uri=self.tracker.tracking_uri,
                            parent_run_id=self.parent_run_id,
-                           flow_run_id=self.flow_run_id, use_cache=False)
+                           flow_run_id=self.flow_run_id, flow_name=self.flow_name,
+                           use_cache=False)
 
 
 Runner = Callable[[Dispatch, Step, BaseModel, dict[str, str]], StepResult]
@@ -61,7 +63,7 @@ def run_inline(dispatch: Dispatch, step: Step, params: BaseModel,
                inputs: dict[str, str]) -> StepResult:
     return run_step(step, params, inputs, store=dispatch.store, tracker=dispatch.tracker,
                     parent_run_id=dispatch.parent_run_id, flow_run_id=dispatch.flow_run_id,
-                    use_cache=False)
+                    flow_name=dispatch.flow_name, use_cache=False)
 
 
 def run_process(dispatch: Dispatch, step: Step, params: BaseModel,

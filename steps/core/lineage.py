@@ -140,10 +140,15 @@ def to_text(graph: Graph) -> str:
     return "\n".join(lines)
 
 
+def flow_of(made: ProducedBy) -> str:
+    """The flow run that made it: `name id`, either part when known, or ''."""
+    return " ".join(v for v in (made.flow_name, made.flow_run_id) if v)
+
+
 def _step_lines(made: ProducedBy, pad: str) -> list[str]:
     lines = [f"{pad}made by step {made.step} v{made.step_version}"
              f"  params: {params_text(made.params) or '-'}"]
-    where = [f"{k}: {v}" for k, v in (("flow run", made.flow_run_id),
+    where = [f"{k}: {v}" for k, v in (("flow run", flow_of(made)),
                                       ("mlflow run", made.mlflow_run_id),
                                       ("git", made.git_revision),
                                       ("image", made.container_image),
@@ -244,7 +249,8 @@ def to_html(graph: Graph) -> str:
         f"<tr><td>{escape(m.step)} v{escape(m.step_version)}</td>"
         f"<td><code>{escape(params_text(m.params))}</code></td>"
         f"<td>{'<br>'.join(f'{escape(k)}: <code>{v}</code>' for k, v in m.inputs.items())}</td>"
-        f"<td>{escape(m.flow_run_id or '-')}</td><td>{escape(m.mlflow_run_id or '-')}</td>"
+        f"<td>{escape(flow_of(m) or '-')}</td>"
+        f"<td>{escape(m.mlflow_run_id or '-')}</td>"
         f"<td>{escape(m.git_revision or '-')}</td></tr>"
         for m in graph.steps.values())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>lineage of "

@@ -32,6 +32,7 @@ class StepRequest(BaseModel):
     tracking_uri: str | None = None
     parent_run_id: str | None = None
     flow_run_id: str | None = None
+    flow_name: str | None = None
     use_cache: bool = True
 
 
@@ -53,7 +54,7 @@ def execute(step: Step, request: StepRequest) -> StepResult:
     return run_step(step, request.params, request.inputs, store=open_store(request.store),
                     tracker=open_tracker(request.tracking_uri, request.tracking),
                     parent_run_id=request.parent_run_id, flow_run_id=request.flow_run_id,
-                    use_cache=request.use_cache)
+                    flow_name=request.flow_name, use_cache=request.use_cache)
 
 
 def write_result(result: StepResult, path: Path | None) -> None:

@@ -6,7 +6,8 @@ Each step run is one OpenLineage run: a START event (with its inputs) and a COMP
 (or a UUID derived from its cache key when untracked), so exported and live events of
 one run agree; datasets are artifacts named by digest in the store's namespace (its URL),
 with a facet holding kind, size and media type; the step's params and provenance are a
-run facet. Events are built with the `openlineage-python` client's types and sent through
+run facet; a step run by a flow names the flow run as its parent (ParentRunFacet, job = the
+flow's name). Events are built with the `openlineage-python` client's types and sent through
 the client's own transports (OPENLINEAGE_URL, OPENLINEAGE_CONFIG, openlineage.yml, ...).
 
 A live endpoint that fails does not fail the flow: one warning, and the events that could
@@ -32,6 +33,7 @@ from openlineage.client.facet_v2 import (
     RunFacet,
     dataset_version_dataset,
     job_type_job,
+    parent_run,
 )
 from openlineage.client.serde import Serde
 
@@ -106,14 +108,32 @@ def dataset_facets(m: Manifest) -> dict[str, DatasetFacet]:
                 datasetVersion=m.digest, producer=producer())}
 
 
+def parent_facet(made: ProducedBy, namespace: str) -> parent_run.ParentRunFacet | None:
+    """The flow run that ran the step (job = the flow's name), when the manifest names one
+    by a Prefect flow run id (a UUID) and the flow's name."""
+    if not (made.flow_run_id and made.flow_name):
+        return None
+    try:
+        flow_run = str(uuid.UUID(made.flow_run_id))
+    except ValueError:
+        return None
+    return parent_run.ParentRunFacet(run=parent_run.Run(runId=flow_run),
+                                     job=parent_run.Job(namespace=namespace,
+                                                        name=made.flow_name),
+                                     producer=producer())
+
+
 def step_events(made: ProducedBy, inputs: Iterable[Manifest], outputs: Iterable[Manifest],
                 store_url: str, namespace: str) -> list[RunEvent]:
     """START and COMPLETE of one step run."""
-    run = Run(runId=run_id(made), facets={"tailwise_step": StepRunFacet(
+    facets: dict[str, RunFacet] = {"tailwise_step": StepRunFacet(
         stepVersion=made.step_version, params=made.params, cacheKey=made.cache_key,
         gitRevision=made.git_revision, codeRevision=made.code_revision,
         containerImage=made.container_image, mlflowRunId=made.mlflow_run_id,
-        flowRunId=made.flow_run_id, producer=producer())})
+        flowRunId=made.flow_run_id, producer=producer())}
+    if parent := parent_facet(made, namespace):
+        facets["parent"] = parent
+    run = Run(runId=run_id(made), facets=facets)
     job = Job(namespace=namespace, name=made.step, facets={"jobType": job_type_job.JobTypeJobFacet(
         processingType="BATCH", integration="TAILWISE", jobType="STEP", producer=producer())})
     read = [InputDataset(namespace=store_url, name=m.digest, facets=dataset_facets(m))

@@ -188,8 +188,8 @@ def _git_tree_id(folder: Path) -> bytes:
 def run_step(step: Step, params: BaseModel | Mapping[str, Any] | None,
              inputs: Mapping[str, str], *, store: ArtifactStore,
              tracker: Tracker | None = None, parent_run_id: str | None = None,
-             flow_run_id: str | None = None, use_cache: bool = True,
-             progress: bool = False) -> StepResult:
+             flow_run_id: str | None = None, flow_name: str | None = None,
+             use_cache: bool = True, progress: bool = False) -> StepResult:
     """Run `step` on input artifact refs, or reuse its cached outputs."""
     params = step.validate(params, inputs)
     missing = set(step.inputs) - set(inputs)
@@ -214,7 +214,7 @@ def run_step(step: Step, params: BaseModel | Mapping[str, Any] | None,
         written = step.fn(context, params, local_inputs)
         produced_by = ProducedBy(
             step=step.name, step_version=step.version, params=params.model_dump(mode="json"),
-            inputs=input_digests, cache_key=key, flow_run_id=flow_run_id,
+            inputs=input_digests, cache_key=key, flow_run_id=flow_run_id, flow_name=flow_name,
             mlflow_run_id=run.run_id, git_revision=git_revision(),
             code_revision=code_revision(step),
             container_image=os.environ.get("TAILWISE_CONTAINER_IMAGE"),

@@ -44,6 +44,7 @@ class ProducedBy(BaseModel):
     inputs: dict[str, str] = Field(default_factory=dict)
     cache_key: str | None = None
     flow_run_id: str | None = None
+    flow_name: str | None = None
     mlflow_run_id: str | None = None
     git_revision: str | None = None
     # Git tree id of the step's own folder (steps/<name>): changes exactly when its code does.
@@ -57,6 +58,11 @@ class FileEntry(BaseModel):
     path: str
     size: int
     sha256: str
+
+
+# ProducedBy fields added after manifests were first written: they count in the checksum only
+# when set, so manifests written before them still verify.
+PRODUCED_BY_LATER = ("flow_name",)
 
 
 class Manifest(BaseModel):
@@ -83,6 +89,10 @@ class Manifest(BaseModel):
     def computed_checksum(self) -> str:
         """What `checksum` must be: the SHA-256 of every other field, as canonical JSON."""
         fields = self.model_dump(mode="json", by_alias=True, exclude={"checksum"})
+        made = fields.get("produced_by") or {}
+        for later in PRODUCED_BY_LATER:
+            if made.get(later) is None:
+                made.pop(later, None)
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return f"sha256:{hashlib.sha256(canonical.encode()).hexdigest()}"
 

@@ -15,7 +15,7 @@ import pytest
 
 from steps.core.backends import LocalBackend, S3Backend
 from steps.core.errors import ArtifactNotFound, StoreError
-from steps.core.store import ArtifactStore, ProducedBy, manifest_key, tree_digest
+from steps.core.store import ArtifactStore, Manifest, ProducedBy, manifest_key, tree_digest
 
 BACKENDS = ["local", "moto", "nanio"]
 
@@ -99,6 +99,23 @@ def test_s3_listing_asks_for_a_page_only_when_the_last_is_used(s3_moto, monkeypa
     listing = backend.list("manifests")
     assert next(listing) == keys[0] and len(requests) == 1
     assert [keys[0], *listing] == keys and len(requests) == 3
+
+
+def test_manifests_written_before_flow_name_still_verify(tmp_path):
+    store = ArtifactStore(LocalBackend(tmp_path / "store"))
+    made = ProducedBy(step="maker", step_version="1", flow_run_id=str(uuid.uuid4()))
+    manifest = store.put(write_random(tmp_path / "a.bin", 10), "blob", produced_by=made)
+    # What the code wrote before ProducedBy had flow_name: no such key, checksummed without it.
+    old = json.loads(manifest.to_json())
+    del old["checksum"], old["produced_by"]["flow_name"]
+    canonical = json.dumps(old, sort_keys=True, separators=(",", ":")).encode()
+    old["checksum"] = f"sha256:{hashlib.sha256(canonical).hexdigest()}"
+    read = Manifest.model_validate(old)
+    assert read.checksum == read.computed_checksum() == manifest.checksum
+    named = ProducedBy(**{**made.model_dump(), "flow_name": "alpha_prune"})
+    renamed = store.put(write_random(tmp_path / "b.bin", 10, seed=2), "blob", produced_by=named)
+    edited = renamed.model_copy(update={"produced_by": made})
+    assert edited.checksum != edited.computed_checksum()  # a set flow_name is covered
 
 
 def test_unknown_and_ambiguous_refs(store, tmp_path):

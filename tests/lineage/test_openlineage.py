@@ -29,6 +29,7 @@ from steps.core.lineage_stale import find_stale
 from steps.core.store import open_store
 
 SPEC = Path(__file__).parent / "data"
+PARENT_SCHEMA = "https://openlineage.io/spec/facets/1-2-0/ParentRunFacet.json#/$defs/ParentRunFacet"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def validate():
         assert event["schemaURL"] == url
         jsonschema.Draft202012Validator({"$ref": url}, registry=registry,
                                         format_checker=checker).validate(event)
-        facets = [event["job"]["facets"]["jobType"]] + [
+        facets = [event["job"]["facets"]["jobType"], *event["run"]["facets"].values()] + [
             f for d in event["inputs"] + event["outputs"] for f in d["facets"].values()]
         for facet in facets:
             if facet["_schemaURL"].startswith("https://openlineage.io/"):
@@ -125,6 +126,13 @@ def test_flow_sends_events_live_and_keeps_them_when_the_endpoint_is_down(
     assert [d["name"] for d in done["count{'min_length': 2}"]["inputs"]] == [made["loud"]]
     assert [d["name"] for d in done["shout{'times': 3}"]["outputs"]] == [made["other"]]
     assert {e["job"]["namespace"] for e in received} == {"live"}
+    # Each step run names the flow run as its parent: the Prefect flow and its run id.
+    made_by = open_store(str(tmp_path / "a")).stat(made["count"]).produced_by
+    assert made_by.flow_name == "toy-flow"
+    assert [e["run"]["facets"]["parent"] for e in received] == [
+        {"_producer": received[0]["producer"], "_schemaURL": PARENT_SCHEMA,
+         "job": {"namespace": "live", "name": "toy-flow", "facets": {}},
+         "run": {"runId": made_by.flow_run_id, "facets": {}}}] * 6
     # Endpoint down (no retries configured): the flow completes, one warning, nothing lost.
     monkeypatch.delenv("OPENLINEAGE_URL")
     for key, value in {"TYPE": "http", "URL": closed_port_url(),
