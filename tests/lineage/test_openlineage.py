@@ -133,6 +133,10 @@ def test_flow_sends_events_live_and_keeps_them_when_the_endpoint_is_down(
         {"_producer": received[0]["producer"], "_schemaURL": PARENT_SCHEMA,
          "job": {"namespace": "live", "name": "toy-flow", "facets": {}},
          "run": {"runId": made_by.flow_run_id, "facets": {}}}] * 6
+    exported = render(upstream(open_store(str(tmp_path / "a")), made["count"]), "openlineage",
+                      "live").splitlines()
+    assert [json.loads(line)["run"]["facets"]["parent"] for line in exported] == [
+        received[0]["run"]["facets"]["parent"]] * 4  # shout and count, START and COMPLETE
     # Endpoint down (no retries configured): the flow completes, one warning, nothing lost.
     monkeypatch.delenv("OPENLINEAGE_URL")
     for key, value in {"TYPE": "http", "URL": closed_port_url(),
