@@ -131,7 +131,7 @@ class Ran:
 class FlowRun:
     """A running flow: its store, tracker, parent MLflow run and how steps are run."""
 
-    name: str  # the Prefect flow's: its steps' manifests and OpenLineage runs name it
+    name: str  # the Prefect flow's name, which its steps' manifests and OpenLineage events record
     store: ArtifactStore
     tracker: NullTracker
     parent_run_id: str | None
