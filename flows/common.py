@@ -50,10 +50,10 @@ from steps.core.hub import is_hub_id, store_hub_model
 from steps.core.jobs import retry_policy
 from steps.core.lineage import annotate_metrics, to_html, upstream_of_all
 from steps.core.lineage_stale import find_stale
-from steps.core.openlineage import Emitter, default_namespace, step_events
+from steps.core.openlineage import Emitter, default_namespace, flow_event, step_events
 from steps.core.registry import load_step
 from steps.core.step import StepResult, cached_result
-from steps.core.store import ArtifactStore, open_store
+from steps.core.store import ArtifactStore, now, open_store
 from steps.core.tracking import NullTracker, open_tracker
 
 RunnerName = Literal["inline", "process", "deployment"]
@@ -283,6 +283,13 @@ def emit_lineage(run: FlowRun, result: StepResult, inputs: dict[str, str]) -> No
                                  namespace))
 
 
+def emit_flow_state(run: FlowRun, state: str) -> None:
+    """OpenLineage event of the flow run itself (in a Prefect flow, when configured)."""
+    if run.lineage is not None and run.flow_run_id:
+        namespace = run.settings.openlineage_namespace or default_namespace()
+        run.lineage.emit([flow_event(state, run.name, str(run.flow_run_id), namespace, now())])
+
+
 def report(name: str, result: StepResult, store: ArtifactStore) -> None:
     """Say in the run log and as a Prefect artifact what the step produced, and where."""
     outputs = ", ".join(f"{k}={v[:12]}" for k, v in result.digests().items())
@@ -314,7 +321,13 @@ def flow_run_context(name: str, settings: RunSettings,
         run = FlowRun(flow_run.get_flow_name() or name, store, tracker, parent.run_id, run_id,
                       settings, Path(scratch), resources, stale=stale,
                       lineage=Emitter.from_environment())
-        yield run
+        emit_flow_state(run, "START")
+        try:
+            yield run
+        except BaseException:
+            emit_flow_state(run, "FAIL")
+            raise
+        emit_flow_state(run, "COMPLETE")
         if run.outputs and parent.run_id is not None:
             page = Path(scratch) / "lineage.html"
             graph = upstream_of_all(store, list(dict.fromkeys(run.outputs)))

@@ -2,13 +2,14 @@
 
 Each step run is one OpenLineage run: a START event (with its inputs) and a COMPLETE event
 (with inputs and outputs). job = the step's name in the namespace given by settings
-($OPENLINEAGE_NAMESPACE, else `tailwise`); run id = the step's MLflow run id as a UUID
-(or a UUID derived from its cache key when untracked), so exported and live events of
-one run agree; datasets are artifacts named by digest in the store's namespace (its URL),
-with a facet holding kind, size and media type; the step's params and provenance are a
-run facet; a step run by a flow names the flow run as its parent (ParentRunFacet, job = the
-flow's name). Events are built with the `openlineage-python` client's types and sent through
-the client's own transports (OPENLINEAGE_URL, OPENLINEAGE_CONFIG, openlineage.yml, ...).
+($OPENLINEAGE_NAMESPACE, else `tailwise`); run id = the step's MLflow run id as a UUID (or
+a UUID derived from its cache key when untracked), so exported and live events of one run
+agree; datasets are artifacts named by digest in the store's namespace (its URL), with a
+facet holding kind, size and media type; the step's params and provenance are a run facet;
+a step run by a flow names the flow run as its parent (ParentRunFacet, job = the flow's
+name), and a flow sends START and COMPLETE (or FAIL) of its own run. Events are built with
+the `openlineage-python` client's types and sent through the client's own transports
+(OPENLINEAGE_URL, OPENLINEAGE_CONFIG, openlineage.yml, ...).
 
 A live endpoint that fails does not fail the flow: one warning, and the events that could
 not be sent go to a local file (`unsent_path()`) that `tailwise lineage resend` replays.
@@ -123,6 +124,19 @@ def parent_facet(made: ProducedBy, namespace: str) -> parent_run.ParentRunFacet 
                                      producer=producer())
 
 
+def job_facets(job_type: str) -> dict[str, job_type_job.JobTypeJobFacet]:
+    return {"jobType": job_type_job.JobTypeJobFacet(processingType="BATCH", integration="TAILWISE",
+                                                    jobType=job_type, producer=producer())}
+
+
+def flow_event(state: str, flow_name: str, flow_run_id: str, namespace: str,
+               at: str) -> RunEvent:
+    """START, COMPLETE or FAIL (`state`) of a flow run, the parent its step runs name."""
+    return RunEvent(eventType=RunState(state), eventTime=at, run=Run(runId=flow_run_id),
+                    job=Job(namespace=namespace, name=flow_name, facets=job_facets("FLOW")),
+                    inputs=[], outputs=[], producer=producer())
+
+
 def step_events(made: ProducedBy, inputs: Iterable[Manifest], outputs: Iterable[Manifest],
                 store_url: str, namespace: str) -> list[RunEvent]:
     """START and COMPLETE of one step run."""
@@ -134,8 +148,7 @@ def step_events(made: ProducedBy, inputs: Iterable[Manifest], outputs: Iterable[
     if parent := parent_facet(made, namespace):
         facets["parent"] = parent
     run = Run(runId=run_id(made), facets=facets)
-    job = Job(namespace=namespace, name=made.step, facets={"jobType": job_type_job.JobTypeJobFacet(
-        processingType="BATCH", integration="TAILWISE", jobType="STEP", producer=producer())})
+    job = Job(namespace=namespace, name=made.step, facets=job_facets("STEP"))
     read = [InputDataset(namespace=store_url, name=m.digest, facets=dataset_facets(m))
             for m in inputs]
     wrote = [OutputDataset(namespace=store_url, name=m.digest, facets=dataset_facets(m))

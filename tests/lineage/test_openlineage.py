@@ -21,9 +21,10 @@ import jsonschema
 import pytest
 from cli import tailwise
 from lineage_chain import COUNT, toy_flow
+from prefect import flow
 from referencing import Registry, Resource
 
-from flows.common import RunSettings
+from flows.common import RunSettings, flow_run_context
 from steps.core.lineage import render, upstream
 from steps.core.lineage_stale import find_stale
 from steps.core.store import open_store
@@ -118,25 +119,31 @@ def test_flow_sends_events_live_and_keeps_them_when_the_endpoint_is_down(
         monkeypatch.setenv("OPENLINEAGE_URL", url)
         made = toy_flow(source, RunSettings(store=str(tmp_path / "a"), tracking=False,
                                             openlineage_namespace="live"))
-    assert len(received) == 6  # START and COMPLETE of each of the 3 computed step runs
+    # START and COMPLETE of the flow run around those of each of its 3 computed step runs.
+    assert len(received) == 8
     for event in received:
         validate(event)
+    flow_start, *steps, flow_done = received
+    made_by = open_store(str(tmp_path / "a")).stat(made["count"]).produced_by
+    assert [(e["eventType"], e["job"]["name"], e["run"]["runId"]) for e in (flow_start, flow_done)
+            ] == [("START", "toy-flow", made_by.flow_run_id), ("COMPLETE", "toy-flow",
+                                                              made_by.flow_run_id)]
+    assert flow_done["job"]["facets"]["jobType"]["jobType"] == "FLOW"
     done = {e["job"]["name"] + str(e["run"]["facets"]["tailwise_step"]["params"]): e
-            for e in received if e["eventType"] == "COMPLETE"}
+            for e in steps if e["eventType"] == "COMPLETE"}
     assert [d["name"] for d in done["count{'min_length': 2}"]["inputs"]] == [made["loud"]]
     assert [d["name"] for d in done["shout{'times': 3}"]["outputs"]] == [made["other"]]
     assert {e["job"]["namespace"] for e in received} == {"live"}
     # Each step run names the flow run as its parent: the Prefect flow and its run id.
-    made_by = open_store(str(tmp_path / "a")).stat(made["count"]).produced_by
     assert made_by.flow_name == "toy-flow"
-    assert [e["run"]["facets"]["parent"] for e in received] == [
+    assert [e["run"]["facets"]["parent"] for e in steps] == [
         {"_producer": received[0]["producer"], "_schemaURL": PARENT_SCHEMA,
          "job": {"namespace": "live", "name": "toy-flow", "facets": {}},
          "run": {"runId": made_by.flow_run_id, "facets": {}}}] * 6
     exported = render(upstream(open_store(str(tmp_path / "a")), made["count"]), "openlineage",
                       "live").splitlines()
     assert [json.loads(line)["run"]["facets"]["parent"] for line in exported] == [
-        received[0]["run"]["facets"]["parent"]] * 4  # shout and count, START and COMPLETE
+        steps[0]["run"]["facets"]["parent"]] * 4  # shout and count, START and COMPLETE
     # Endpoint down (no retries configured): the flow completes, one warning, nothing lost.
     monkeypatch.delenv("OPENLINEAGE_URL")
     for key, value in {"TYPE": "http", "URL": closed_port_url(),
@@ -148,14 +155,32 @@ def test_flow_sends_events_live_and_keeps_them_when_the_endpoint_is_down(
     assert again == made  # same content, same digests
     warnings = [r for r in caplog.records if r.name == "tailwise.openlineage"]
     assert len(warnings) == 1 and "tailwise lineage resend" in warnings[0].getMessage()
-    assert len(unsent.read_text().splitlines()) == 6
+    assert len(unsent.read_text().splitlines()) == 8
     for key in ("TYPE", "URL", "RETRY"):
         monkeypatch.delenv(f"OPENLINEAGE__TRANSPORT__{key}")
     with receiver() as (url, received):
         monkeypatch.setenv("OPENLINEAGE_URL", url)
         code, out, _ = tailwise(capsys, monkeypatch, "lineage", "resend")
-    assert code == 0 and out.strip() == "sent 6 events" and not unsent.exists()
-    assert len(received) == 6 and all(validate(e) is None for e in received)
+    assert code == 0 and out.strip() == "sent 8 events" and not unsent.exists()
+    assert len(received) == 8 and all(validate(e) is None for e in received)
+
+
+@flow
+def failing_flow(settings: RunSettings) -> None:
+    with flow_run_context("failing", settings, {}):
+        raise ValueError("the flow's body failed")
+
+
+def test_a_failed_flow_sends_fail(tmp_path, validate, prefect_api, monkeypatch):
+    with receiver() as (url, received):
+        monkeypatch.setenv("OPENLINEAGE_URL", url)
+        with pytest.raises(ValueError, match="body failed"):
+            failing_flow(RunSettings(store=str(tmp_path / "s"), tracking=False))
+    assert [(e["eventType"], e["job"]["name"]) for e in received] == [
+        ("START", "failing-flow"), ("FAIL", "failing-flow")]
+    assert received[0]["run"]["runId"] == received[1]["run"]["runId"]
+    for event in received:
+        validate(event)
 
 
 def changed_count(tmp_path: Path):
