@@ -277,17 +277,20 @@ def announce_assets(name: str, result: StepResult, inputs: dict[str, str],
 def emit_lineage(run: FlowRun, result: StepResult, inputs: dict[str, str]) -> None:
     """OpenLineage START/COMPLETE of a step that ran (an endpoint down never fails the flow)."""
     made = next(iter(result.outputs.values())).produced_by
-    namespace = run.settings.openlineage_namespace or default_namespace()
     read = [run.store.stat(digest) for digest in sorted(set(inputs.values()))]
     run.lineage.emit(step_events(made, read, list(result.outputs.values()), run.store.url,
-                                 namespace))
+                                 lineage_namespace(run)))
 
 
 def emit_flow_state(run: FlowRun, state: str) -> None:
     """OpenLineage event of the flow run itself (in a Prefect flow, when configured)."""
     if run.lineage is not None and run.flow_run_id:
-        namespace = run.settings.openlineage_namespace or default_namespace()
-        run.lineage.emit([flow_event(state, run.name, str(run.flow_run_id), namespace, now())])
+        run.lineage.emit([flow_event(state, run.name, run.flow_run_id, lineage_namespace(run),
+                                     now())])
+
+
+def lineage_namespace(run: FlowRun) -> str:
+    return run.settings.openlineage_namespace or default_namespace()
 
 
 def report(name: str, result: StepResult, store: ArtifactStore) -> None:
@@ -324,12 +327,12 @@ def flow_run_context(name: str, settings: RunSettings,
         emit_flow_state(run, "START")
         try:
             yield run
+            if run.outputs and parent.run_id is not None:
+                page = Path(scratch) / "lineage.html"
+                graph = upstream_of_all(store, list(dict.fromkeys(run.outputs)))
+                page.write_text(to_html(annotate_metrics(store, graph)))
+                parent.log_file(page)
         except BaseException:
             emit_flow_state(run, "FAIL")
             raise
         emit_flow_state(run, "COMPLETE")
-        if run.outputs and parent.run_id is not None:
-            page = Path(scratch) / "lineage.html"
-            graph = upstream_of_all(store, list(dict.fromkeys(run.outputs)))
-            page.write_text(to_html(annotate_metrics(store, graph)))
-            parent.log_file(page)
